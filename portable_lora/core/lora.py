@@ -1,0 +1,181 @@
+"""The LoRA math, written once against the array API.
+
+Canonical orientation everywhere: ``A`` is (r, in, ...), ``B`` is (out, r, ...). Every function
+takes arrays of any compliant namespace and returns arrays of the caller's namespace. ``scale``
+is the effective scale (see :mod:`.scale`), already multiplied by any user strength.
+
+Kinds of layer:
+
+* ``linear``: A (r, in), B (out, r), ΔW (out, in) = s · B @ A.
+* ``conv``: A (r, in, kh, kw) (a real convolution), B (out, r, 1, 1) (a 1×1 convolution),
+  ΔW (out, in, kh, kw) = s · (B.reshape(out, r) @ A.reshape(r, -1)).reshape(...).
+* ``embedding``: A (r, num_embeddings), B (dim, r) (PEFT's layout); ΔW is returned in the
+  layout of the embedding table it merges into, (num_embeddings, dim) = s · (B @ A)ᵀ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .capabilities import add_matmul, stop_gradient
+from .namespace import array_namespace
+
+__all__ = ["KINDS", "accumulation_dtype", "delta_weight", "lora_output", "add_lora_output",
+           "linear_forward", "embedding_lora_output", "merge_into", "unmerge_from",
+           "dora_weight_norm", "dora_factor", "dora_forward"]
+
+KINDS = ("linear", "conv", "embedding")
+
+
+def accumulation_dtype(xp: Any, dtype: Any) -> Any:
+    """float64 for float64 inputs, float32 for everything else (bf16, fp16, fp32)."""
+    return xp.float64 if dtype == xp.float64 else xp.float32
+
+
+def _as(xp: Any, x: Any, dtype: Any) -> Any:
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def delta_weight(A: Any, B: Any, scale: float, kind: str = "linear", *, dtype: Any = None) -> Any:
+    """ΔW = scale · B @ A in the layout of the weight it merges into (see module docstring).
+
+    Computed in ``dtype`` (default: the accumulation dtype of the factors, float32 unless
+    they are float64).
+    """
+    xp = array_namespace(A, B)
+    if dtype is None:
+        dtype = accumulation_dtype(xp, xp.result_type(A.dtype, B.dtype))
+    a = _as(xp, A, dtype)
+    b = _as(xp, B, dtype)
+    scale = float(scale)
+    if kind == "linear":
+        return (b @ a) * scale
+    if kind == "conv":
+        rank = a.shape[0]
+        out = b.shape[0]
+        flat = xp.reshape(b, (out, rank)) @ xp.reshape(a, (rank, -1))
+        return xp.reshape(flat * scale, (out, *a.shape[1:]))
+    if kind == "embedding":
+        return (b @ a).T * scale
+    raise ValueError(f"unknown LoRA kind {kind!r}; expected one of {KINDS}")
+
+
+def lora_output(x: Any, A: Any, B: Any, scale: float) -> Any:
+    """The unmerged LoRA term ``scale · (x @ Aᵀ) @ Bᵀ``; ΔW is never materialised.
+
+    The scale multiplies the rank-sized intermediate, the cheapest place for it.
+    """
+    return ((x @ A.T) * float(scale)) @ B.T
+
+
+def add_lora_output(base_out: Any, x: Any, A: Any, B: Any, scale: float, *, fused: bool = True) -> Any:
+    """``base_out + scale · (x @ Aᵀ) @ Bᵀ``; uses a fused add-matmul where the framework has one."""
+    xp = array_namespace(base_out, x)
+    hidden = (x @ A.T) * float(scale)
+    if not fused or hidden.ndim == 2:
+        return add_matmul(xp, base_out, hidden, B.T, fused=fused)
+    lead = tuple(hidden.shape[:-1])
+    flat = add_matmul(xp, xp.reshape(base_out, (-1, base_out.shape[-1])),
+                      xp.reshape(hidden, (-1, hidden.shape[-1])), B.T)
+    return xp.reshape(flat, (*lead, flat.shape[-1]))
+
+
+def linear_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *,
+                   fused: bool = True) -> Any:
+    """``x @ Wᵀ + bias + scale · (x @ Aᵀ) @ Bᵀ`` with W (out, in)."""
+    base = x @ W.T
+    if bias is not None:
+        base = base + bias
+    return add_lora_output(base, x, A, B, scale, fused=fused)
+
+
+def embedding_lora_output(ids: Any, A: Any, B: Any, scale: float) -> Any:
+    """The LoRA term of an embedding lookup: ``scale · A[:, ids]ᵀ @ Bᵀ``, shape (*ids.shape, dim)."""
+    xp = array_namespace(A, B)
+    flat = xp.reshape(ids, (-1,))
+    rows = xp.take(A.T, flat, axis=0)
+    out = (rows * float(scale)) @ B.T
+    return xp.reshape(out, (*tuple(ids.shape), B.shape[0]))
+
+
+def _oriented(delta: Any, transposed: bool) -> Any:
+    # ``transposed`` weights are stored (in, out): GPT-2 Conv1D (fan_in_fan_out), Flax kernels.
+    return delta.T if transposed else delta
+
+
+def dora_weight_norm(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
+                     transposed: bool = False) -> Any:
+    """‖W + ΔW‖ per output channel (over every other axis), in the accumulation dtype, detached.
+
+    This is the norm of PEFT's and mlx-lm's DoRA; it never carries gradients.
+    """
+    xp = array_namespace(W, A, B)
+    acc = accumulation_dtype(xp, W.dtype)
+    w = _as(xp, W, acc)
+    if transposed:
+        w = w.T
+    combined = w + delta_weight(A, B, scale, kind, dtype=acc)
+    flat = xp.reshape(combined, (combined.shape[0], -1))
+    return stop_gradient(xp, xp.linalg.vector_norm(flat, axis=1))
+
+
+def dora_factor(W: Any, A: Any, B: Any, scale: float, magnitude: Any, kind: str = "linear", *,
+                transposed: bool = False) -> Any:
+    """``magnitude / ‖W + ΔW‖`` per output channel: the DoRA rescaling, shape (out,)."""
+    xp = array_namespace(W, magnitude)
+    norm = dora_weight_norm(W, A, B, scale, kind, transposed=transposed)
+    return _as(xp, magnitude, norm.dtype) / norm
+
+
+def dora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, magnitude: Any, bias: Any = None, *,
+                 fused: bool = True) -> Any:
+    """DoRA linear forward: ``(m / ‖W + ΔW‖) ⊙ (x @ Wᵀ + scale · (x @ Aᵀ) @ Bᵀ) + bias``."""
+    xp = array_namespace(x, W)
+    factor = _as(xp, dora_factor(W, A, B, scale, magnitude), x.dtype)
+    out = add_lora_output(x @ W.T, x, A, B, scale, fused=fused) * factor
+    return out if bias is None else out + bias
+
+
+def _reshape_factor(xp: Any, factor: Any, ndim: int) -> Any:
+    return xp.reshape(factor, (factor.shape[0],) + (1,) * (ndim - 1))
+
+
+def merge_into(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
+               magnitude: Any = None, transposed: bool = False) -> Any:
+    """The merged weight ``W + ΔW`` (or DoRA's ``m · (W + ΔW)/‖W + ΔW‖``), as a new array.
+
+    Accumulates in float32 (float64 for float64 weights) and rounds once to ``W.dtype``.
+    ``transposed`` means W is stored (in, out).
+    """
+    xp = array_namespace(W, A, B)
+    acc = accumulation_dtype(xp, W.dtype)
+    w = _as(xp, W, acc)
+    delta = delta_weight(A, B, scale, kind, dtype=acc)
+    if magnitude is None:
+        return xp.astype(w + _oriented(delta, transposed), W.dtype)
+    combined = (w.T if transposed else w) + delta
+    norm = xp.linalg.vector_norm(xp.reshape(combined, (combined.shape[0], -1)), axis=1)
+    factor = _as(xp, magnitude, acc) / norm
+    merged = combined * _reshape_factor(xp, factor, combined.ndim)
+    return xp.astype(_oriented(merged, transposed), W.dtype)
+
+
+def unmerge_from(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
+                 magnitude: Any = None, weight_norm: Any = None, transposed: bool = False) -> Any:
+    """The inverse of :func:`merge_into`.
+
+    DoRA cannot be undone from the merged weight alone: pass ``weight_norm``, the
+    :func:`dora_weight_norm` taken before merging.
+    """
+    xp = array_namespace(W, A, B)
+    acc = accumulation_dtype(xp, W.dtype)
+    w = _as(xp, W, acc)
+    delta = delta_weight(A, B, scale, kind, dtype=acc)
+    if magnitude is None:
+        return xp.astype(w - _oriented(delta, transposed), W.dtype)
+    if weight_norm is None:
+        raise ValueError("unmerging DoRA needs the weight_norm taken before the merge")
+    combined = w.T if transposed else w
+    factor = _as(xp, magnitude, acc) / _as(xp, weight_norm, acc)
+    original = combined / _reshape_factor(xp, factor, combined.ndim) - delta
+    return xp.astype(_oriented(original, transposed), W.dtype)

@@ -1,0 +1,185 @@
+"""Helpers shared by the format modules: strict config reading, pickle refusal, scale folding.
+
+Formats call these instead of re-implementing them; the math itself stays in the core.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .. import core
+from ..adapter import Adapter, LoraModule
+from ..errors import LoraError
+from ..io.safetensors_io import SafetensorsFile
+
+__all__ = ["refuse_pickle", "read_json", "read_tensors", "require", "UnderflowWarning",
+           "fold_scale", "to_uniform", "PICKLE_SUFFIXES", "safetensors_files",
+           "pair_keys", "convention_provenance", "module_from"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class UnderflowWarning(UserWarning):
+    """Folding a scale into low-precision factors turned non-zero values into zeros."""
+
+
+def refuse_pickle(path: Path) -> None:
+    """Pickled checkpoints run code when loaded: refused, always."""
+    candidates = [path] if path.is_file() else list(path.iterdir()) if path.is_dir() else []
+    for p in candidates:
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            if path.is_dir() and any(q.suffix == ".safetensors" for q in candidates):
+                continue  # a directory that also has safetensors: the pickle is simply ignored
+            raise LoraError(f"pickled checkpoints ({p.suffix}) are refused: loading one can run "
+                            "arbitrary code. Convert it to .safetensors with the tool that made it.",
+                            file=p)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix == ".safetensors") if path.is_dir() else [path]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``: an error naming the file for bad JSON or a non-object."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LoraError(f"cannot read: {exc.strerror}", file=path) from None
+    except UnicodeDecodeError:
+        raise LoraError("not UTF-8 text", file=path) from None
+
+    def no_duplicates(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise LoraError(f"the key {k!r} appears more than once", file=path, key=k)
+            out[k] = v
+        return out
+
+    try:
+        data = json.loads(text, object_pairs_hook=no_duplicates)
+    except LoraError:
+        raise
+    except ValueError as exc:
+        raise LoraError(f"not valid JSON: {exc}", file=path) from None
+    if not isinstance(data, dict):
+        raise LoraError(f"expected a JSON object, found {type(data).__name__}", file=path)
+    return data
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+               list: "a list", dict: "an object"}
+
+
+def require(config: Mapping[str, Any], key: str, types: type | tuple[type, ...], *, file: Path,
+            default: Any = ..., allow_none: bool = False) -> Any:
+    """``config[key]`` checked against ``types`` (bools are never numbers), or ``default``."""
+    if key not in config:
+        if default is ...:
+            raise LoraError(f"the required field {key!r} is missing", file=file, key=key)
+        return default
+    value = config[key]
+    if value is None and allow_none:
+        return None
+    types_t = types if isinstance(types, tuple) else (types,)
+    ok = isinstance(value, types_t) and not (isinstance(value, bool) and bool not in types_t)
+    if float in types_t and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types_t)
+        raise LoraError(f"expected {wanted}, found {value!r} ({type(value).__name__})", file=file, key=key)
+    return value
+
+
+def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, validated strictly."""
+    with SafetensorsFile(path) as f:
+        return {name: f.get(name) for name in f.keys()}, dict(f.metadata)
+
+
+def fold_scale(B: np.ndarray, factor: float, *, name: str, file: Any = None) -> np.ndarray:
+    """``factor · B`` in B's dtype (computed in float32, or float64 for float64 B, rounded once).
+
+    Warns with :class:`UnderflowWarning` when entries that were non-zero become zero.
+    """
+    if factor == 1.0:
+        return B
+    acc = np.float64 if B.dtype == np.float64 else np.float32
+    folded = (B.astype(acc) * acc(factor)).astype(B.dtype)
+    lost = int(np.count_nonzero((folded == 0) & (B != 0)))
+    if lost:
+        frac = lost / max(B.size, 1)
+        warnings.warn(f"{file or 'output'} [{name}]: folding scale {factor:g} into {B.dtype} "
+                      f"turned {lost} of {B.size} entries ({frac:.2%}) to zero", UnderflowWarning,
+                      stacklevel=3)
+    return folded
+
+
+def to_uniform(adapter: Adapter, *, scale: float | None = None, file: Any = None,
+               pad: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int, float]:
+    """Factors for a format with one rank and one scale: ``({name: (A, B)}, rank, scale)``.
+
+    Each module's ``s_m / scale`` is folded into its B and ranks are zero-padded to the
+    largest, so every ΔW is kept (exactly where no folding is needed). ``scale`` defaults to
+    the most common module scale (so the common case folds nothing).
+    """
+    if not adapter:
+        raise LoraError("the adapter has no modules", file=file)
+    if scale is None:
+        counts: dict[float, int] = {}
+        for m in adapter.values():
+            counts[m.scale] = counts.get(m.scale, 0) + 1
+        scale = max(counts, key=lambda s: (counts[s], -abs(s)))
+    if scale == 0 or not math.isfinite(scale):
+        raise LoraError(f"a global scale of {scale} cannot carry the adapter", file=file)
+    rank = max(m.rank for m in adapter.values()) if pad else None
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, m in adapter.items():
+        b = fold_scale(m.B, m.scale / scale, name=name, file=file)
+        a = m.A
+        if pad and m.rank != rank:
+            a, b = core.pad_rank(a, b, rank)
+        out[name] = (a, b)
+    return out, (rank if rank is not None else -1), scale
+
+
+def pair_keys(keys: Iterable[str], suffixes: tuple[str, str], *, file: Path) -> dict[str, tuple[str, str]]:
+    """``{module: (a_key, b_key)}`` for keys ending in the two suffixes; an unpaired key is an error."""
+    a_suffix, b_suffix = suffixes
+    a_keys, b_keys = {}, {}
+    for key in keys:
+        if key.endswith(a_suffix):
+            a_keys[key[: -len(a_suffix)]] = key
+        elif key.endswith(b_suffix):
+            b_keys[key[: -len(b_suffix)]] = key
+    for module in a_keys.keys() - b_keys.keys():
+        raise LoraError(f"incomplete LoRA pair: {a_keys[module]!r} has no {b_suffix!r} partner",
+                        file=file, key=a_keys[module])
+    for module in b_keys.keys() - a_keys.keys():
+        raise LoraError(f"incomplete LoRA pair: {b_keys[module]!r} has no {a_suffix!r} partner",
+                        file=file, key=b_keys[module])
+    return {m: (a_keys[m], b_keys[m]) for m in a_keys}
+
+
+def convention_provenance(convention: str | None, default: str, default_reason: str) -> dict[str, str]:
+    """Provenance entries for the convention used: the user's, or the format's documented one."""
+    if convention is not None:
+        return {"convention": convention, "convention_reason": "given by the user"}
+    return {"convention": default, "convention_reason": default_reason}
+
+
+def module_from(A: np.ndarray, B: np.ndarray, *, alpha: float, rule: str, kind: str = "linear",
+                magnitude: np.ndarray | None = None, name: str, file: Path) -> LoraModule:
+    """A validated module; validation errors are re-raised naming ``file``."""
+    try:
+        return LoraModule(A, B, alpha=alpha, rule=rule, kind=kind, magnitude=magnitude).validate(name)
+    except LoraError as exc:
+        raise exc.with_file(file) from None
+
+

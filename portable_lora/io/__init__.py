@@ -1,0 +1,1 @@
+"""File input and output: strict safetensors reading and writing, atomic writes."""

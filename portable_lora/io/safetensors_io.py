@@ -1,0 +1,271 @@
+"""Strict safetensors reading and writing with NumPy (bfloat16 and float8 through ml_dtypes).
+
+Why our own reader: the ``safetensors`` package accepts a header that names a tensor twice
+(the last one wins) and ``safetensors.numpy`` cannot read bf16. This reader checks every
+structural rule of the format and raises :class:`~portable_lora.errors.LoraError` naming the
+file and the tensor:
+
+* the 8-byte length prefix is present, and the header fits in the file and under 100 MB;
+* the header is a JSON object with no repeated key and no tensor named ``__metadata__``
+  other than the string-to-string metadata map;
+* every entry has a known dtype, a shape of non-negative integers, and data offsets whose
+  length matches dtype × shape;
+* the data regions tile the data section exactly: no overlap, no gap, nothing after.
+
+Tensors are read through a memory map; :meth:`SafetensorsFile.get` copies (the default) or
+returns a read-only view for streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import LoraError
+from .atomic import atomic_file
+
+__all__ = ["SafetensorsFile", "TensorInfo", "LazyTensor", "read_safetensors", "write_safetensors",
+           "DTYPES", "dtype_name", "MAX_HEADER_BYTES"]
+
+MAX_HEADER_BYTES = 100_000_000  # the cap of the reference implementation
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {dt: name for name, dt in DTYPES.items()}
+
+
+def dtype_name(dtype: Any) -> str:
+    """The safetensors name of a NumPy dtype (``F32``, ``BF16``, ...)."""
+    try:
+        return _NAMES[np.dtype(dtype)]
+    except (KeyError, TypeError):
+        raise LoraError(f"dtype {dtype} cannot be stored in safetensors; expected one of "
+                        f"{', '.join(str(d) for d in _NAMES)}") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int  # offsets into the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _no_duplicates(path: Path) -> Callable[[list[tuple[str, Any]]], dict]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise LoraError(f"the header names {key!r} more than once", file=path, key=key)
+            seen[key] = value
+        return seen
+    return hook
+
+
+def _parse_header(path: Path, raw: bytes, data_len: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LoraError(f"the header is not UTF-8 ({exc.reason} at byte {exc.start})", file=path) from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates(path))
+    except LoraError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise LoraError(f"the header is not valid JSON: {exc}", file=path) from None
+    if not isinstance(header, dict):
+        raise LoraError(f"the header must be a JSON object, found {type(header).__name__}", file=path)
+    metadata_raw = header.pop("__metadata__", {})
+    if not isinstance(metadata_raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()):
+        raise LoraError("__metadata__ must map strings to strings (a tensor may not be named "
+                        "__metadata__)", file=path, key="__metadata__")
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise LoraError("expected an entry with exactly dtype, shape and data_offsets, found "
+                            f"{entry!r:.200}", file=path, key=name)
+        dtype = DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        if dtype is None:
+            raise LoraError(f"unknown dtype {entry['dtype']!r}; expected one of {', '.join(DTYPES)}",
+                            file=path, key=name)
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise LoraError(f"shape must be a list of non-negative integers, found {shape!r}",
+                            file=path, key=name)
+        offsets = entry["data_offsets"]
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(
+                isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise LoraError(f"data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r}",
+                            file=path, key=name)
+        expected = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise LoraError(f"data_offsets span {offsets[1] - offsets[0]} bytes but dtype "
+                            f"{entry['dtype']} × shape {shape} needs {expected}", file=path, key=name)
+        if offsets[1] > data_len:
+            raise LoraError(f"data ends at byte {offsets[1]} of the data section, past its end "
+                            f"({data_len} bytes): the file is truncated", file=path, key=name)
+        infos[name] = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    cursor = 0
+    for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+        if info.begin < cursor:
+            raise LoraError(f"data bytes [{info.begin}, {info.end}) overlap the previous tensor "
+                            f"(which ends at {cursor})", file=path, key=info.name)
+        if info.begin > cursor:
+            raise LoraError(f"a gap of {info.begin - cursor} bytes precedes this tensor's data",
+                            file=path, key=info.name)
+        cursor = info.end
+    if cursor != data_len:
+        raise LoraError(f"{data_len - cursor} bytes after the last tensor belong to no tensor",
+                        file=path)
+    return dict(metadata_raw), infos
+
+
+class SafetensorsFile:
+    """An open, validated safetensors file. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as exc:
+            raise LoraError(f"cannot open: {exc.strerror}", file=self.path) from None
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            prefix = self._file.read(8)
+            if len(prefix) < 8:
+                raise LoraError(f"the file has {size} bytes, fewer than the 8-byte header length "
+                                "prefix: it is truncated or not safetensors", file=self.path)
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise LoraError(f"the header length prefix says {header_len} bytes, over the "
+                                f"{MAX_HEADER_BYTES}-byte cap", file=self.path)
+            if 8 + header_len > size:
+                raise LoraError(f"the header length prefix says {header_len} bytes but only "
+                                f"{size - 8} follow: the file is truncated", file=self.path)
+            raw = self._file.read(header_len)
+            self.data_start = 8 + header_len
+            self.metadata, self.tensors = _parse_header(self.path, raw, size - self.data_start)
+            self._map = (mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+                         if size > 0 else None)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, *, copy: bool = True) -> np.ndarray:
+        """The tensor ``name`` as a NumPy array (a read-only memory-mapped view if not ``copy``)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise LoraError("no such tensor in the file", file=self.path, key=name)
+        count = math.prod(info.shape)
+        if count == 0:
+            return np.zeros(info.shape, dtype=info.dtype)
+        view = np.frombuffer(self._map, dtype=info.dtype, count=count,
+                             offset=self.data_start + info.begin).reshape(info.shape)
+        return view.copy() if copy else view
+
+    def close(self) -> None:
+        # a memory-mapped view still alive keeps the map open; it is released with the view
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass
+            self._map = None
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor (copied) and the metadata of a safetensors file, validated."""
+    with SafetensorsFile(path) as f:
+        return {name: f.get(name) for name in f.keys()}, dict(f.metadata)
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor produced on demand while writing (streaming): dtype, shape and a producer."""
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray]
+
+
+def _header_bytes(entries: list[tuple[str, np.dtype, tuple[int, ...]]],
+                  metadata: Mapping[str, str] | None) -> bytes:
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in entries:
+        if name == "__metadata__":
+            raise LoraError("a tensor may not be named __metadata__", key=name)
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray | LazyTensor],
+                      metadata: Mapping[str, str] | None = None, *,
+                      on_tensor: Callable[[str, int], None] | None = None) -> None:
+    """Write ``tensors`` (in the given order) atomically; lazy tensors are produced one at a time.
+
+    ``on_tensor(name, nbytes)`` is called after each tensor is written (progress reporting).
+    """
+    entries = []
+    for name, value in tensors.items():
+        if isinstance(value, LazyTensor):
+            entries.append((name, np.dtype(value.dtype), tuple(value.shape)))
+        else:
+            entries.append((name, np.asarray(value).dtype, tuple(np.shape(value))))
+    header = _header_bytes(entries, metadata)
+    with atomic_file(path) as out:
+        out.write(header)
+        for (name, dtype, shape), value in zip(entries, tensors.values()):
+            array = value.produce() if isinstance(value, LazyTensor) else value
+            array = np.ascontiguousarray(array)
+            if array.dtype != dtype or tuple(array.shape) != shape:
+                raise LoraError(f"produced {array.dtype}{list(array.shape)}, announced "
+                                f"{dtype}{list(shape)}", file=path, key=name)
+            if array.dtype.byteorder == ">":
+                array = array.astype(array.dtype.newbyteorder("<"))
+            out.write(array.reshape(-1).view(np.uint8).data if array.size else b"")
+            if on_tensor is not None:
+                on_tensor(name, array.nbytes)
+

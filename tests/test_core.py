@@ -1,0 +1,173 @@
+"""The math core on every installed namespace against a float64 NumPy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import assert_close, backend_dtype_params
+
+from portable_lora import core
+from portable_lora.errors import LoraError
+
+PARAMS = backend_dtype_params()
+RNG = np.random.default_rng(1234)
+
+
+def rand(*shape, scale=1.0):
+    return RNG.standard_normal(shape) * scale
+
+
+def ref_delta(A, B, s, kind):
+    if kind == "linear":
+        return s * B @ A
+    if kind == "conv":
+        return s * (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)).reshape(B.shape[0], *A.shape[1:])
+    return s * (B @ A).T
+
+
+FACTORS = {
+    "linear": lambda r: (rand(r, 12), rand(10, r)),
+    "conv": lambda r: (rand(r, 3, 3, 3), rand(5, r, 1, 1)),
+    "embedding": lambda r: (rand(r, 20), rand(6, r)),
+}
+
+
+@pytest.mark.parametrize("rule,expected", [("alpha/rank", 2.0), ("alpha/sqrt(rank)", 16 / math.sqrt(8)),
+                                           ("raw", 16.0)])
+def test_effective_scale_rules(rule, expected):
+    assert core.effective_scale(16, 8, rule) == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "8", None])
+def test_bad_rank_names_module(bad):
+    with pytest.raises(LoraError, match="q_proj.*rank"):
+        core.effective_scale(16, bad, module="q_proj")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "16", True])
+def test_bad_alpha_names_module(bad):
+    with pytest.raises(LoraError, match="q_proj.*alpha"):
+        core.effective_scale(bad, 8, module="q_proj")
+
+
+def test_unknown_rule():
+    with pytest.raises(LoraError, match="unknown scaling rule 'alpha\\*rank'"):
+        core.effective_scale(1, 8, "alpha*rank", module="m")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_delta_weight(backend, dtype, kind):
+    A, B = FACTORS[kind](4)
+    got = core.delta_weight(backend.to(A, dtype), backend.to(B, dtype), 0.75, kind)
+    assert isinstance(got, type(backend.to(A, dtype)))
+    assert_close(backend.back(got), ref_delta(backend.back(backend.to(A, dtype)),
+                                              backend.back(backend.to(B, dtype)), 0.75, kind), dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_linear_forward_unmerged(backend, dtype):
+    x, W, A, B, bias = rand(3, 5, 12), rand(10, 12), rand(4, 12), rand(10, 4), rand(10)
+    expect = x @ W.T + bias + 1.5 * (x @ A.T) @ B.T
+    for fused in (True, False):  # the fused capability and the plain array-API path agree
+        got = core.linear_forward(*(backend.to(a, dtype) for a in (x, W, A, B)), 1.5,
+                                  backend.to(bias, dtype), fused=fused)
+        assert_close(backend.back(got), expect, dtype, what=f"fused={fused}")
+
+
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_embedding_lora_output(backend, dtype):
+    A, B = rand(4, 20), rand(6, 4)
+    ids = np.array([[0, 3, 19], [7, 7, 1]])
+    xp = backend.xp
+    got = core.embedding_lora_output(xp.asarray(ids), backend.to(A, dtype), backend.to(B, dtype), 0.5)
+    expect = ref_delta(A, B, 0.5, "embedding")[ids]
+    assert_close(backend.back(got), expect, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_merge_equals_forward_and_unmerge_restores(backend, dtype):
+    x, W, A, B = rand(7, 12), rand(10, 12), rand(4, 12), rand(10, 4)
+    w, a, b = (backend.to(t, dtype) for t in (W, A, B))
+    merged = core.merge_into(w, a, b, 2.0)
+    assert merged.dtype == w.dtype
+    xw = backend.to(x, dtype)
+    assert_close(backend.back(xw @ merged.T), backend.back(core.linear_forward(xw, w, a, b, 2.0)), dtype)
+    restored = core.unmerge_from(merged, a, b, 2.0)
+    assert_close(backend.back(restored), backend.back(w), dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_merge_transposed_weight(backend, dtype):
+    W, A, B = rand(12, 10), rand(4, 12), rand(10, 4)  # W stored (in, out): Conv1D / Flax kernel
+    got = core.merge_into(backend.to(W, dtype), backend.to(A, dtype), backend.to(B, dtype), 0.5,
+                          transposed=True)
+    assert_close(backend.back(got), W + 0.5 * (B @ A).T, dtype)
+
+
+def ref_dora_weight(W, A, B, s, m):
+    comb = W + s * B @ A
+    return m[:, None] * comb / np.linalg.norm(comb, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_dora_forward_and_merge(backend, dtype):
+    x, W, A, B, m, bias = rand(3, 12), rand(10, 12), rand(4, 12), rand(10, 4), 1 + 0.1 * rand(10), rand(10)
+    t = backend.to
+    expect_w = ref_dora_weight(W, A, B, 0.5, m)
+    got = core.dora_forward(t(x, dtype), t(W, dtype), t(A, dtype), t(B, dtype), 0.5, t(m, dtype), t(bias, dtype))
+    assert_close(backend.back(got), x @ expect_w.T + bias, dtype)
+    merged = core.merge_into(t(W, dtype), t(A, dtype), t(B, dtype), 0.5, magnitude=t(m, dtype))
+    assert_close(backend.back(merged), expect_w, dtype)
+    norm = core.dora_weight_norm(t(W, dtype), t(A, dtype), t(B, dtype), 0.5)
+    restored = core.unmerge_from(merged, t(A, dtype), t(B, dtype), 0.5, magnitude=t(m, dtype), weight_norm=norm)
+    assert_close(backend.back(restored), backend.back(t(W, dtype)), dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(("float64", "float32")))
+def test_low_rank_extraction(backend, dtype):
+    U = rand(16, 3)
+    V = rand(3, 20)
+    delta = U @ V + 1e-3 * rand(16, 20)
+    lr = core.low_rank(backend.to(delta, dtype), 3)
+    approx = backend.back(lr.B) @ backend.back(lr.A)
+    s = np.linalg.svd(delta, compute_uv=False)
+    expect_err = np.sqrt((s[3:] ** 2).sum() / (s ** 2).sum())
+    assert lr.relative_error == pytest.approx(expect_err, rel=1e-3)
+    assert np.linalg.norm(approx - delta) / np.linalg.norm(delta) == pytest.approx(expect_err, rel=1e-3)
+    assert 0.99 < lr.energy_kept <= 1.0
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(("float64", "float32")))
+def test_low_rank_conv_shapes(backend, dtype):
+    delta = rand(5, 3, 3, 3)
+    lr = core.low_rank(backend.to(delta, dtype), 27)  # full rank: exact
+    assert tuple(lr.A.shape) == (27, 3, 3, 3) and tuple(lr.B.shape) == (5, 27, 1, 1)
+    back = core.delta_weight(lr.A, lr.B, 1.0, "conv")
+    assert_close(backend.back(back), delta, dtype)
+    assert lr.relative_error < 1e-5
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(("float64", "float32")))
+def test_resize_rank(backend, dtype):
+    A, B = rand(8, 30), rand(20, 8)
+    full = B @ A
+    lr = core.resize_rank(backend.to(A, dtype), backend.to(B, dtype), 4)
+    s = np.linalg.svd(full, compute_uv=False)
+    best = np.linalg.norm(s[4:]) / np.linalg.norm(s)
+    approx = backend.back(lr.B) @ backend.back(lr.A)
+    assert np.linalg.norm(approx - full) / np.linalg.norm(full) == pytest.approx(best, rel=1e-3)
+    assert lr.relative_error == pytest.approx(best, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_pad_rank_keeps_delta(backend, dtype):
+    A, B = rand(3, 12), rand(10, 3)
+    a, b = core.pad_rank(backend.to(A, dtype), backend.to(B, dtype), 8)
+    assert tuple(a.shape) == (8, 12) and tuple(b.shape) == (10, 8)
+    # the padded terms are exact zeros; BLAS may still sum in another order, so one rounding
+    assert np.array_equal(backend.back(a)[3:], 0) and np.array_equal(backend.back(b)[:, 3:], 0)
+    assert_close(backend.back(core.delta_weight(a, b, 1.0)),
+                 backend.back(core.delta_weight(backend.to(A, dtype), backend.to(B, dtype), 1.0)), dtype)
