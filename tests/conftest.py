@@ -7,14 +7,12 @@ skipping. CI sets it to ``all``. Without it, backends that are not installed are
 
 from __future__ import annotations
 
-import importlib
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
 
-import ml_dtypes
 import numpy as np
 import pytest
+
+from portable_lora.testing import TOLERANCE, Namespace, load_namespace, relative_error
 
 ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "mlx")
 
@@ -26,68 +24,14 @@ def required_backends() -> set[str]:
     return {b.strip() for b in raw.split(",") if b.strip()}
 
 
-@dataclass(frozen=True)
-class Backend:
-    """A namespace under test: how to move NumPy arrays in and out, and its dtypes."""
-
-    name: str
-    xp: Any
-    to: Callable[[np.ndarray, str], Any]  # (float64 numpy array, dtype name) -> native array
-    back: Callable[[Any], np.ndarray]     # native array -> numpy float64
-    dtypes: tuple[str, ...]
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-def _numpy() -> Backend:
-    np_dtypes = {"float64": np.float64, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-    return Backend("numpy", np, lambda a, d: np.asarray(a).astype(np_dtypes[d]),
-                   lambda x: np.asarray(x).astype(np.float64), ("float64", "float32", "bfloat16"))
-
-
-def _strict() -> Backend:
-    import array_api_strict as xp
-
-    return Backend("array_api_strict", xp,
-                   lambda a, d: xp.asarray(np.asarray(a, dtype=d)),
-                   lambda x: np.asarray(x, dtype=np.float64), ("float64", "float32"))
-
-
-def _torch() -> Backend:
-    import torch
-    from array_api_compat import torch as xp  # noqa: F401  (the compat-wrapped namespace)
-
-    return Backend("torch", xp,
-                   lambda a, d: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(getattr(torch, d)),
-                   lambda x: x.detach().to(torch.float64).cpu().numpy(), ("float64", "float32", "bfloat16"))
-
-
-def _jax() -> Backend:
+def _enable_jax_x64() -> None:
+    # float64 references on JAX need x64; set before any JAX array exists
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-
-    return Backend("jax", jnp, lambda a, d: jnp.asarray(np.asarray(a, dtype=np.float64), dtype=getattr(jnp, d)),
-                   lambda x: np.asarray(x.astype(jnp.float64)), ("float64", "float32", "bfloat16"))
 
 
-def _mlx() -> Backend:
-    import mlx.core as mx
-
-    from portable_lora.core._mlx_compat import namespace
-
-    def to(a, d):
-        return mx.array(np.asarray(a, dtype=np.float32)).astype(getattr(mx, d))
-
-    def back(x):
-        return np.asarray(x.astype(mx.float32)).astype(np.float64)
-
-    return Backend("mlx", namespace(), to, back, ("float32", "bfloat16"))
-
-
-_FACTORIES = {"numpy": _numpy, "array_api_strict": _strict, "torch": _torch, "jax": _jax, "mlx": _mlx}
+Backend = Namespace
 
 
 def load_backends() -> list[Backend]:
@@ -98,7 +42,9 @@ def load_backends() -> list[Backend]:
     found = []
     for name in ALL_BACKENDS:
         try:
-            found.append(_FACTORIES[name]())
+            if name == "jax":
+                _enable_jax_x64()
+            found.append(load_namespace(name))
         except ImportError as exc:
             if name in required:
                 raise pytest.UsageError(
@@ -109,8 +55,6 @@ def load_backends() -> list[Backend]:
 
 BACKENDS = load_backends()
 
-# relative tolerances by dtype (of the result's scale, see assert_close)
-TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "bfloat16": 3e-2}
 
 
 def backend_dtype_params(dtypes: tuple[str, ...] = ("float64", "float32", "bfloat16")):
@@ -123,8 +67,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, dtype: str, *, what: 
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = max(float(np.max(np.abs(expected))), 1e-30) if expected.size else 1.0
-    err = float(np.max(np.abs(actual - expected))) / scale if expected.size else 0.0
+    err = relative_error(actual, expected)
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]} ({dtype})"
 
 
