@@ -229,6 +229,9 @@ def check_equivalence(adapter: Adapter, weights: Mapping[str, np.ndarray] | None
     for bname in names:
         try:
             ns = load_namespace(bname)
+        except KeyError:
+            report.skipped[bname] = f"unknown backend; known: {', '.join(BACKENDS)}"
+            continue
         except ImportError as exc:
             report.skipped[bname] = f"not importable ({exc})"
             continue
