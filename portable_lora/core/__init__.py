@@ -6,7 +6,7 @@ from .lora import (KINDS, accumulation_dtype, add_lora_output, delta_weight, dor
                    lora_output, merge_into, unmerge_from)
 from .lowrank import LowRank, low_rank, pad_rank, resize_rank
 from .namespace import array_namespace, namespace_family
-from .scale import (ALPHA_OVER_RANK, ALPHA_OVER_SQRT_RANK, RAW, RULES, alpha_for_scale,
+from .scale import (ALPHA_OVER_RANK, ALPHA_OVER_SQRT_RANK, RAW, RULES, alpha_for_scale, check_strength,
                     check_alpha, check_rank, check_rule, effective_scale)
 
 __all__ = [
@@ -15,5 +15,5 @@ __all__ = [
     "dora_weight_norm", "embedding_lora_output", "linear_forward", "lora_output", "merge_into",
     "unmerge_from", "LowRank", "low_rank", "pad_rank", "resize_rank", "array_namespace",
     "namespace_family", "ALPHA_OVER_RANK", "ALPHA_OVER_SQRT_RANK", "RAW", "RULES",
-    "alpha_for_scale", "check_alpha", "check_rank", "check_rule", "effective_scale",
+    "alpha_for_scale", "check_alpha", "check_rank", "check_rule", "check_strength", "effective_scale",
 ]

@@ -68,30 +68,34 @@ def lora_output(x: Any, A: Any, B: Any, scale: float) -> Any:
     return ((x @ A.T) * float(scale)) @ B.T
 
 
-def add_lora_output(base_out: Any, x: Any, A: Any, B: Any, scale: float, *, fused: bool = True) -> Any:
-    """``base_out + scale · (x @ Aᵀ) @ Bᵀ``; uses a fused add-matmul where the framework has one."""
-    xp = array_namespace(base_out, x)
+def add_lora_output(base_out: Any, x: Any, A: Any, B: Any, scale: float, *, fused: bool = True,
+                    xp: Any = None) -> Any:
+    """``base_out + scale · (x @ Aᵀ) @ Bᵀ``; uses a fused add-matmul where the framework has one.
+
+    ``xp``: the namespace, when the caller resolved it once already (hot paths).
+    """
+    xp = array_namespace(base_out, x) if xp is None else xp
     hidden = (x @ A.T) * float(scale)
     if not fused or hidden.ndim == 2:
         return add_matmul(xp, base_out, hidden, B.T, fused=fused)
     lead = tuple(hidden.shape[:-1])
     flat = add_matmul(xp, xp.reshape(base_out, (-1, base_out.shape[-1])),
-                      xp.reshape(hidden, (-1, hidden.shape[-1])), B.T)
+                      xp.reshape(hidden, (-1, hidden.shape[-1])), B.T, fused=fused)
     return xp.reshape(flat, (*lead, flat.shape[-1]))
 
 
 def linear_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *,
-                   fused: bool = True) -> Any:
+                   fused: bool = True, xp: Any = None) -> Any:
     """``x @ Wᵀ + bias + scale · (x @ Aᵀ) @ Bᵀ`` with W (out, in)."""
     base = x @ W.T
     if bias is not None:
         base = base + bias
-    return add_lora_output(base, x, A, B, scale, fused=fused)
+    return add_lora_output(base, x, A, B, scale, fused=fused, xp=xp)
 
 
-def embedding_lora_output(ids: Any, A: Any, B: Any, scale: float) -> Any:
+def embedding_lora_output(ids: Any, A: Any, B: Any, scale: float, *, xp: Any = None) -> Any:
     """The LoRA term of an embedding lookup: ``scale · A[:, ids]ᵀ @ Bᵀ``, shape (*ids.shape, dim)."""
-    xp = array_namespace(A, B)
+    xp = array_namespace(A, B) if xp is None else xp
     flat = xp.reshape(ids, (-1,))
     rows = xp.take(A.T, flat, axis=0)
     out = (rows * float(scale)) @ B.T
@@ -128,11 +132,11 @@ def dora_factor(W: Any, A: Any, B: Any, scale: float, magnitude: Any, kind: str 
 
 
 def dora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, magnitude: Any, bias: Any = None, *,
-                 fused: bool = True) -> Any:
+                 fused: bool = True, xp: Any = None) -> Any:
     """DoRA linear forward: ``(m / ‖W + ΔW‖) ⊙ (x @ Wᵀ + scale · (x @ Aᵀ) @ Bᵀ) + bias``."""
-    xp = array_namespace(x, W)
+    xp = array_namespace(x, W) if xp is None else xp
     factor = _as(xp, dora_factor(W, A, B, scale, magnitude), x.dtype)
-    out = add_lora_output(x @ W.T, x, A, B, scale, fused=fused) * factor
+    out = add_lora_output(x @ W.T, x, A, B, scale, fused=fused, xp=xp) * factor
     return out if bias is None else out + bias
 
 

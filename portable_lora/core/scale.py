@@ -17,7 +17,7 @@ import numbers
 from ..errors import LoraError
 
 __all__ = ["RULES", "ALPHA_OVER_RANK", "ALPHA_OVER_SQRT_RANK", "RAW", "effective_scale",
-           "check_rank", "check_alpha", "check_rule", "alpha_for_scale"]
+           "check_rank", "check_alpha", "check_rule", "alpha_for_scale", "check_strength"]
 
 ALPHA_OVER_RANK = "alpha/rank"
 ALPHA_OVER_SQRT_RANK = "alpha/sqrt(rank)"
@@ -87,3 +87,14 @@ def alpha_for_scale(scale: float, rank: int, rule: str) -> float:
     if rule == ALPHA_OVER_SQRT_RANK:
         return scale * math.sqrt(rank)
     return scale
+
+
+def check_strength(strength: object) -> float:
+    """A user strength multiplier as a finite float (bools and non-numbers are errors)."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise LoraError(f"strength must be a finite real number, found {strength!r} "
+                        f"({type(strength).__name__})", key="strength")
+    value = float(strength)
+    if not math.isfinite(value):
+        raise LoraError(f"strength must be finite, found {value}", key="strength")
+    return value

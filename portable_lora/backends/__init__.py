@@ -1,0 +1,1 @@
+"""Framework adapters: one small module per framework, each with the same verbs."""
