@@ -20,7 +20,7 @@ from ..io.safetensors_io import SafetensorsFile
 
 __all__ = ["refuse_pickle", "read_json", "read_tensors", "require", "UnderflowWarning",
            "fold_scale", "to_uniform", "PICKLE_SUFFIXES", "safetensors_files",
-           "pair_keys", "convention_provenance", "module_from"]
+           "pair_keys", "convention_provenance", "module_from", "check_replaceable"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -147,6 +147,22 @@ def to_uniform(adapter: Adapter, *, scale: float | None = None, file: Any = None
             a, b = core.pad_rank(a, b, rank)
         out[name] = (a, b)
     return out, (rank if rank is not None else -1), scale
+
+
+def check_replaceable(path: Path, allowed: Iterable[str], *, fmt: str) -> None:
+    """Refuse to replace a directory holding anything but a previous adapter of this layout.
+
+    Directory formats are written whole (io.atomic.atomic_directory replaces the directory), so
+    saving into a folder with other files would delete them.
+    """
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise LoraError(f"exists and is not a directory; {fmt} adapters are directories", file=path)
+    if path.is_dir():
+        allowed = set(allowed)
+        others = sorted(p.name for p in path.iterdir() if p.name not in allowed)
+        if others:
+            raise LoraError(f"the directory holds other files {others[:8]}: writing the adapter "
+                            "would replace them; choose a new or empty directory", file=path)
 
 
 def pair_keys(keys: Iterable[str], suffixes: tuple[str, str], *, file: Path) -> dict[str, tuple[str, str]]:
