@@ -7,8 +7,7 @@ A (r, in, ...), B (out, r, ...). Framework modules convert at their boundary.
 from __future__ import annotations
 
 import copy as _copy
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import numpy as np

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -20,7 +21,8 @@ from ..io.safetensors_io import SafetensorsFile
 
 __all__ = ["refuse_pickle", "read_json", "read_tensors", "require", "UnderflowWarning",
            "fold_scale", "to_uniform", "PICKLE_SUFFIXES", "safetensors_files",
-           "pair_keys", "convention_provenance", "module_from", "check_replaceable"]
+           "pair_keys", "convention_provenance", "module_from", "check_replaceable",
+           "PROVENANCE_KEY", "pattern_key", "stored_provenance", "provenance_metadata"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -147,6 +149,48 @@ def to_uniform(adapter: Adapter, *, scale: float | None = None, file: Any = None
             a, b = core.pad_rank(a, b, rank)
         out[name] = (a, b)
     return out, (rank if rank is not None else -1), scale
+
+
+PROVENANCE_KEY = "portable_lora_provenance"  # not "portable_lora": that key means the portable format
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str:
+    """The key of a PEFT ``rank_pattern`` / ``alpha_pattern`` that applies to module ``name``.
+
+    PEFT's own rule (``peft.utils.other.get_pattern_key``): the first key, in order, for which
+    ``re.match(rf"(.*\\.)?({key})$", name)`` succeeds; ``name`` itself when none does, so
+    ``pattern.get(pattern_key(pattern, name), default)`` is the value PEFT uses.
+
+    >>> pattern_key(["v_proj", "model.layers.1.mlp.down_proj"], "model.layers.0.self_attn.v_proj")
+    'v_proj'
+    """
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key
+        except re.error as exc:
+            raise LoraError(f"pattern {key!r} is not a valid regular expression: {exc}", key=str(key)) from None
+    return name
+
+
+def stored_provenance(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The JSON object our writers keep under :data:`PROVENANCE_KEY` ({} when absent)."""
+    raw = metadata.get(PROVENANCE_KEY)
+    if raw is None:
+        return {}
+    try:
+        stored = json.loads(raw)
+    except ValueError as exc:
+        raise LoraError(f"not valid JSON: {exc}", file=path, key=PROVENANCE_KEY) from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("provenance", {}), dict):
+        raise LoraError("expected a JSON object with a 'provenance' object", file=path, key=PROVENANCE_KEY)
+    return stored
+
+
+def provenance_metadata(adapter: Adapter, **extra: Any) -> str:
+    """The JSON our writers keep under :data:`PROVENANCE_KEY`: base model, provenance, extras."""
+    return json.dumps({"base_model": adapter.base_model, "provenance": adapter.provenance, **extra},
+                      allow_nan=False, default=str)
 
 
 def check_replaceable(path: Path, allowed: Iterable[str], *, fmt: str) -> None:

@@ -49,7 +49,8 @@ from ..adapter import Adapter, LoraModule
 from ..errors import LoraError
 from ..io.atomic import atomic_directory
 from ..io.safetensors_io import write_safetensors
-from ._common import check_replaceable, convention_provenance, module_from, read_json, read_tensors, require
+from ._common import (PROVENANCE_KEY, check_replaceable, convention_provenance, module_from, pattern_key,
+                      read_json, read_tensors, require)
 
 __all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "detect", "load", "save", "pattern_key"]
 
@@ -58,7 +59,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # not "portable_lora": that header entry marks a file of the portable format itself
-METADATA_KEY = "portable_lora_provenance"
+METADATA_KEY = PROVENANCE_KEY
 _REPLACEABLE = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
 _STALE = ("source_path", "detected_because", "source_format")
 
@@ -84,21 +85,6 @@ _UNSUPPORTED = {
     "lora_bias": "lora_bias adds a trainable bias to lora_B",
     "trainable_token_indices": "trainable tokens store embedding rows, not LoRA factors",
 }
-
-
-def pattern_key(pattern_keys: Iterable[str], name: str) -> str:
-    """The key of a PEFT ``rank_pattern`` / ``alpha_pattern`` that applies to module ``name``.
-
-    PEFT's own rule (``peft.utils.other.get_pattern_key``): the first key, in order, for which
-    ``re.match(rf"(.*\\.)?({key})$", name)`` succeeds; ``name`` itself when none does.
-
-    >>> pattern_key(["v_proj", "model.layers.1.mlp.down_proj"], "model.layers.0.self_attn.v_proj")
-    'v_proj'
-    """
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return name
 
 
 def _find(path: Path) -> tuple[Path, Path] | None:

@@ -1,20 +1,39 @@
 """Atomic writes: a reader sees the old output or the whole new one, never a torn one.
 
-Single files are written to a temporary sibling (``.<name>.<pid>.partial``), fsynced, then
-``os.replace``d over the target and the directory fsynced. Directories (PEFT, mlx-lm outputs,
-sharded checkpoints) are built in a temporary sibling directory and renamed into place; an
-existing target is first renamed aside and removed only after the new one is in place.
+Single files are written to a temporary sibling (``.<name>.<pid>.<random>.partial``),
+flushed and fsynced, then ``os.replace``d over the target and the directory fsynced.
+
+Directories (PEFT, mlx-lm outputs, sharded checkpoints) are built in a temporary sibling
+directory. On Linux an existing target is swapped with it in one ``renameat2(RENAME_EXCHANGE)``,
+so a reader finds the old directory or the new one, never neither; elsewhere (or on a file
+system without the exchange) the old target is renamed aside and the new one renamed in, which
+leaves a moment where the path is absent, but never a half-written directory. The previous
+output is removed only once the new one is in place.
 
 The writer's pid is in every temporary name, so leftovers of a killed writer are recognised
 and removed by the next write to the same target.
+
+Failures of the operating system (permissions, a full disk, a read-only file system) are
+raised as :class:`OSError` with their ``errno``, naming the target, after the temporary has
+been removed: the previous output is untouched.
+
+>>> from pathlib import Path
+>>> with atomic_file("/tmp/example.txt") as out:
+...     _ = out.write(b"all or nothing")
+>>> Path("/tmp/example.txt").read_bytes()
+b'all or nothing'
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -22,9 +41,11 @@ __all__ = ["atomic_file", "atomic_directory", "fsync_directory", "remove_stale_p
            "PARTIAL_SUFFIX"]
 
 PARTIAL_SUFFIX = ".partial"
+_OLD_MARK = ".old"
 
 
 def fsync_directory(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories
@@ -44,58 +65,157 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or a pid we cannot ask about: leave it alone
     return True
+
+
+def _partial_pattern(target: Path) -> re.Pattern[str]:
+    # exactly the names _temp_path makes (older versions used mkstemp's [a-z0-9_]{8}), so a
+    # sibling target whose name merely starts the same way is never touched
+    return re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[a-z0-9_]{{8}}"
+                      rf"(?:{re.escape(_OLD_MARK)})?{re.escape(PARTIAL_SUFFIX)}")
 
 
 def remove_stale_partials(target: Path) -> None:
     """Remove temporaries of ``target`` left by writers that no longer run."""
-    parent = target.parent
-    prefix = f".{target.name}."
+    target = Path(target)
+    pattern = _partial_pattern(target)
     try:
-        entries = list(parent.iterdir())
+        entries = list(target.parent.iterdir())
     except OSError:
         return
     for entry in entries:
-        name = entry.name
-        if not (name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX)):
+        match = pattern.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match.group(1))):
             continue
-        middle = name[len(prefix):-len(PARTIAL_SUFFIX)]
-        pid_text = middle.split(".", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                entry.unlink()
+        _remove(entry)
 
 
-def _temp_name(target: Path) -> str:
-    return f".{target.name}.{os.getpid()}."
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _temp_path(target: Path, mark: str = "") -> Path:
+    return target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{mark}{PARTIAL_SUFFIX}"
+
+
+def _naming_target(exc: OSError, target: Path, tmp: Path | None = None) -> OSError:
+    """``exc`` as the same kind of error naming ``target`` instead of the (removed) temporary.
+
+    ``tmp=None``: the error is about creating the temporary, so it names ``target``. Errors
+    naming some other path (a source file read while writing) are returned as they are.
+    """
+    if exc.errno is None:
+        return exc
+    where: Path | None = target if exc.filename is None or tmp is None else None
+    if tmp is not None and exc.filename is not None:
+        try:
+            named = Path(os.fsdecode(exc.filename))
+        except TypeError:
+            named = None
+        if named == tmp:
+            where = target
+        elif named is not None and tmp in named.parents:
+            where = target / named.relative_to(tmp)
+    if where is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(where))
+
+
+def _create_temp_file(target: Path) -> tuple[int, Path]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = _temp_path(target)
+        try:
+            # mode 0o666 as open() uses, so the umask decides the permissions (mkstemp's 0o600
+            # made every saved adapter private to its writer)
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _create_temp_dir(target: Path) -> Path:
+    while True:
+        tmp = _temp_path(target)
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a temporary file for binary writing; on success it replaces ``path`` atomically.
 
-    On any exception the temporary is removed and ``path`` is left as it was.
+    On any exception (or a kill) ``path`` is left as it was and no temporary remains (a
+    killed writer's temporary is removed by the next write to ``path``).
     """
     target = Path(path)
     remove_stale_partials(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_name(target), suffix=PARTIAL_SUFFIX)
+    try:
+        fd, tmp = _create_temp_file(target)
+    except OSError as exc:
+        raise _naming_target(exc, target) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and _naming_target(exc, target, tmp) is not exc:
+            raise _naming_target(exc, target, tmp) from exc
         raise
     fsync_directory(target.parent)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2 = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step (Linux ``renameat2``); False where that is unsupported."""
+    global _renameat2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2 is None:
+        try:
+            function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+        except (OSError, AttributeError):
+            function = False
+        else:
+            function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                 ctypes.c_uint]
+            function.restype = ctypes.c_int
+        _renameat2 = function
+    if _renameat2 is False:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # the kernel or the file system cannot exchange: rename in two steps
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(Path(directory))
 
 
 @contextlib.contextmanager
@@ -103,38 +223,41 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it becomes ``path`` in one rename.
 
     Files written inside should be closed by the time the block ends; they are fsynced here.
+    On any exception (or a kill) ``path`` is left as it was.
     """
     target = Path(path)
     remove_stale_partials(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_name(target), suffix=PARTIAL_SUFFIX))
-    old: Path | None = None
+    try:
+        tmp = _create_temp_dir(target)
+    except OSError as exc:
+        raise _naming_target(exc, target) from None
+    published = False
+    old: Path | None = None  # where the previous output is once the new one is in place
     try:
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fsync_directory(Path(root))
+        _fsync_tree(tmp)
         if target.exists() or target.is_symlink():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_name(target),
-                                        suffix=".old" + PARTIAL_SUFFIX))
-            os.rmdir(old)
-            os.rename(target, old)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.rename(old, target)  # put the previous output back
-            old = None
+            if _exchange(tmp, target):
+                old, published = tmp, True
+            else:
+                aside = _temp_path(target, _OLD_MARK)
+                os.rename(target, aside)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    os.rename(aside, target)  # put the previous output back
+                    raise
+                old, published = aside, True
+        else:
+            os.rename(tmp, target)
+            published = True
+    except BaseException as exc:
+        if not published:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and _naming_target(exc, target, tmp) is not exc:
+            raise _naming_target(exc, target, tmp) from exc
         raise
     finally:
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    old.unlink()
+        if published and old is not None:
+            _remove(old)
     fsync_directory(target.parent)

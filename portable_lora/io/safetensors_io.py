@@ -95,7 +95,9 @@ def _parse_header(path: Path, raw: bytes, data_len: int) -> tuple[dict[str, str]
         raise LoraError(f"the header is not valid JSON: {exc}", file=path) from None
     if not isinstance(header, dict):
         raise LoraError(f"the header must be a JSON object, found {type(header).__name__}", file=path)
-    metadata_raw = header.pop("__metadata__", {})
+    metadata_raw = header.pop("__metadata__", None)
+    if metadata_raw is None:  # mx.save_safetensors writes "__metadata__": null
+        metadata_raw = {}
     if not isinstance(metadata_raw, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()):
         raise LoraError("__metadata__ must map strings to strings (a tensor may not be named "
@@ -168,8 +170,15 @@ class SafetensorsFile:
             raw = self._file.read(header_len)
             self.data_start = 8 + header_len
             self.metadata, self.tensors = _parse_header(self.path, raw, size - self.data_start)
-            self._map = (mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-                         if size > 0 else None)
+            mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            if len(mapped) != size:
+                # someone truncated or appended to the file in place while we validated it
+                # (our own writers never do: they replace files whole)
+                found = len(mapped)
+                mapped.close()
+                raise LoraError(f"the file changed size while being read ({size} bytes, then "
+                                f"{found})", file=self.path)
+            self._map: mmap.mmap | None = mapped
         except BaseException:
             self._file.close()
             raise
@@ -223,20 +232,45 @@ class LazyTensor:
     produce: Callable[[], np.ndarray]
 
 
+def _encodable(text: str, what: str, path: Any) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LoraError(f"{what} {text!r} cannot be written as UTF-8 ({exc.reason} at "
+                        f"character {exc.start})", file=path, key=text) from None
+
+
 def _header_bytes(entries: list[tuple[str, np.dtype, tuple[int, ...]]],
-                  metadata: Mapping[str, str] | None) -> bytes:
+                  metadata: Mapping[str, str] | None, path: Any = None) -> bytes:
     header: dict[str, Any] = {}
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise LoraError(f"metadata must map strings to strings, found {key!r}: "
+                                f"{type(value).__name__}", file=path, key="__metadata__")
+            _encodable(key, "the metadata key", path)
+            _encodable(value, f"the metadata value of {key!r}", path)
+        header["__metadata__"] = dict(metadata)
     offset = 0
     for name, dtype, shape in entries:
+        if not isinstance(name, str):  # json.dumps would silently turn 1 into "1"
+            raise LoraError(f"tensor names must be strings, found {name!r} "
+                            f"({type(name).__name__})", file=path)
         if name == "__metadata__":
-            raise LoraError("a tensor may not be named __metadata__", key=name)
+            raise LoraError("a tensor may not be named __metadata__", file=path, key=name)
+        _encodable(name, "the tensor name", path)
+        try:
+            stored = dtype_name(dtype)
+        except LoraError as exc:
+            raise LoraError(exc.detail, file=path, key=name) from None
         size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
+        header[name] = {"dtype": stored, "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise LoraError(f"the header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES}-byte "
+                        "cap readers enforce", file=path)
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference does
     return struct.pack("<Q", len(raw)) + raw
 
@@ -254,12 +288,12 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray 
             entries.append((name, np.dtype(value.dtype), tuple(value.shape)))
         else:
             entries.append((name, np.asarray(value).dtype, tuple(np.shape(value))))
-    header = _header_bytes(entries, metadata)
+    header = _header_bytes(entries, metadata, path)
     with atomic_file(path) as out:
         out.write(header)
         for (name, dtype, shape), value in zip(entries, tensors.values()):
             array = value.produce() if isinstance(value, LazyTensor) else value
-            array = np.ascontiguousarray(array)
+            array = np.require(array, requirements="C")  # keeps 0-dim arrays 0-dim
             if array.dtype != dtype or tuple(array.shape) != shape:
                 raise LoraError(f"produced {array.dtype}{list(array.shape)}, announced "
                                 f"{dtype}{list(shape)}", file=path, key=name)
