@@ -1,0 +1,512 @@
+"""PyTorch: LoRA on ``torch.nn`` models, unmerged (wrapped layers) or merged into the weights.
+
+Every number is computed by :mod:`portable_lora.core`; this module only finds layers, moves
+arrays across the NumPy/torch boundary and runs the convolutions that are torch's own.
+
+Verbs (the same in :mod:`portable_lora.jax` and :mod:`portable_lora.mlx`):
+
+* :func:`apply` swaps each targeted layer for a :class:`LoraLayer` wrapper whose forward adds
+  the unmerged LoRA term; the factors are trainable ``nn.Parameter`` s.
+* :func:`merge` / :func:`unmerge` write ΔW into plain layers' weights in place, and take it out.
+* :func:`remove` puts the original layers back; :func:`extract` reads the (trained) factors
+  back as an :class:`~portable_lora.Adapter`; :func:`set_strength` rescales without re-wrapping.
+
+Module names are the model's ``named_modules()`` names, exactly (``"model.layers.0.self_attn.q_proj"``);
+prefixes such as PEFT's ``base_model.model.`` are the formats layer's business.
+
+Layers: ``nn.Linear`` and ``nn.Conv2d`` (DoRA on both), ``nn.Embedding``, and transformers'
+GPT-2 ``Conv1D`` (weight stored (in, out), merged with ``transposed=True``). A conv LoRA's A is
+a real convolution run with the base layer's stride, padding, dilation and padding mode (so
+the unmerged forward equals the merged one); B is 1×1.
+
+Dtype and device: the factors are created on the base weight's device, in the base weight's
+dtype unless ``apply(..., dtype=torch.float32)`` says otherwise (e.g. float32 factors on a
+bfloat16 model for training; the input is then cast to the factors' dtype for the LoRA term and
+the term back to the output's dtype).
+
+``torch.compile(model, fullgraph=True)`` traces through the wrappers with no graph break: the
+first :func:`apply` registers a trace-time stand-in for the core's namespace lookup (see
+:func:`_enable_compile`), so a compiled graph holds only torch ops.
+
+>>> import torch
+>>> import portable_lora as pl
+>>> from portable_lora import torch as plt
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+>>> adapter = pl.examples.random_adapter({"0": (3, 4)}, rank=2)
+>>> model = plt.apply(model, adapter)
+>>> model(torch.ones(1, 4)).shape
+torch.Size([1, 3])
+>>> sorted(plt.extract(model))
+['0']
+>>> plt.remove(model)[0]
+Linear(in_features=4, out_features=3, bias=True)
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import numbers
+import sys
+from typing import Any, Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import core
+from ..adapter import Adapter, LoraModule
+from ..core import namespace as _namespace
+from ..errors import LoraError
+
+__all__ = ["apply", "merge", "unmerge", "remove", "extract", "set_strength", "LoraLayer",
+           "LoraLinear", "LoraConv1D", "LoraConv2d", "LoraEmbedding", "to_torch", "to_numpy"]
+
+# plain attributes kept on models and layers (never in a state_dict)
+_FROZEN_ATTR = "_portable_lora_frozen"   # on the root model: parameters apply() froze
+_MERGES_ATTR = "_portable_lora_merges"   # on a merged layer: a stack of _MergeRecord
+
+
+# -- the NumPy <-> torch boundary ----------------------------------------------------------------
+
+def to_torch(array: Any, *, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A NumPy array (bfloat16 through ``ml_dtypes`` included) as a torch tensor (a copy)."""
+    array = np.asarray(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        # torch cannot read ml_dtypes' bfloat16: move the same 16 bits through int16
+        tensor = torch.from_numpy(np.ascontiguousarray(array).view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(np.array(array, copy=True))
+    return tensor.to(device=device, dtype=dtype)
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A torch tensor as a NumPy array in the same dtype (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
+    return tensor.numpy().copy()
+
+
+# -- torch.compile support ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _enable_compile() -> None:
+    """Let dynamo trace the core without graph breaks (called once, by the first wrap).
+
+    The core finds its namespace on every call (``array_namespace``), which dynamo cannot trace
+    for ``nn.Parameter`` arguments (``type(p).__module__``) and traces only with warnings
+    through array_api_compat's caches. Inside a compiled graph every array is a torch tensor,
+    so the lookup's answer is a constant: ``substitute_in_graph`` gives dynamo that constant
+    while eager calls keep the real lookup.
+    """
+    substitute = getattr(getattr(torch, "compiler", None), "substitute_in_graph", None)
+    if substitute is None:  # torch < 2.5: compiling still works, with graph breaks
+        return
+    original = _namespace.array_namespace
+    torch_namespace = original(torch.empty(0))
+
+    def array_namespace(*arrays):
+        for array in arrays:
+            if array is not None and not isinstance(array, torch.Tensor):
+                return original(*arrays)
+        return torch_namespace
+
+    try:
+        substitute(original)(array_namespace)
+    except ValueError:  # already registered (e.g. this module was reloaded)
+        pass
+
+
+# -- the wrapper layers ---------------------------------------------------------------------------------
+
+def _check_strength(strength: object) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
+        raise LoraError(f"strength must be a finite real number, found {strength!r}")
+    return float(strength)
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus trainable LoRA factors; forward adds the unmerged LoRA term.
+
+    Parameters: ``lora_A`` (r, in, ...), ``lora_B`` (out, r, ...), and ``lora_magnitude``
+    (out,) for DoRA (else ``None``); the base layer is ``base``. ``scale`` is the effective
+    scale of (``alpha``, rank, ``rule``) times ``strength``: change it with
+    :func:`set_strength`. Subclasses say which layers they wrap and how the term is computed.
+    """
+
+    kind = "linear"
+
+    def __init__(self, base: nn.Module, module: LoraModule, *, strength: float = 1.0,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.base = base
+        weight = base.weight
+        factor_dtype = weight.dtype if dtype is None else dtype
+        self.lora_A = nn.Parameter(to_torch(module.A, device=weight.device, dtype=factor_dtype))
+        self.lora_B = nn.Parameter(to_torch(module.B, device=weight.device, dtype=factor_dtype))
+        magnitude = None
+        if module.magnitude is not None:
+            magnitude = nn.Parameter(to_torch(module.magnitude, device=weight.device, dtype=factor_dtype))
+        self.register_parameter("lora_magnitude", magnitude)
+        self.alpha = module.alpha
+        self.rule = module.rule
+        # resolved once here so forward does no per-call dtype work when dtypes agree
+        self.same_dtype = factor_dtype == weight.dtype
+        self.set_strength(strength)
+        _enable_compile()
+
+    # -- state ---------------------------------------------------------------------------
+    def set_strength(self, strength: float) -> None:
+        """Scale the LoRA term by ``strength`` without touching the factors.
+
+        0 turns the LoRA term off; a DoRA layer still rescales by ``m / ‖W‖`` then.
+        """
+        self.strength = _check_strength(strength)
+        self.scale = core.effective_scale(self.alpha, self.lora_A.shape[0], self.rule) * self.strength
+
+    def lora_module(self) -> LoraModule:
+        """The current factors as a :class:`LoraModule` (NumPy, in the factors' dtype)."""
+        magnitude = None if self.lora_magnitude is None else to_numpy(self.lora_magnitude)
+        return LoraModule(to_numpy(self.lora_A), to_numpy(self.lora_B), alpha=self.alpha,
+                          rule=self.rule, kind=self.kind, magnitude=magnitude)
+
+    def extra_repr(self) -> str:
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        return (f"rank={self.lora_A.shape[0]}, alpha={self.alpha:g}, rule={self.rule!r}, "
+                f"strength={self.strength:g}{dora}")
+
+    # -- what subclasses provide -----------------------------------------------------------
+    def weight_oi(self) -> torch.Tensor:
+        """The base weight in the canonical layout ΔW has: (out, in, ...)."""
+        return self.base.weight
+
+    def lora_term(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale · B(A(x))`` in the factors' dtype."""
+        return core.lora_output(x, self.lora_A, self.lora_B, self.scale)
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- forward ----------------------------------------------------------------------------
+    def _factor_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.same_dtype else x.to(self.lora_A.dtype)
+
+    def _dora(self, x: torch.Tensor) -> torch.Tensor:
+        # m/‖W + ΔW‖ from the core; the layer's own ops give x·W and the LoRA term
+        factor = core.dora_factor(self.weight_oi(), self.lora_A, self.lora_B, self.scale,
+                                  self.lora_magnitude, self.kind)
+        out = self.base_without_bias(x)
+        out = out + self.lora_term(self._factor_input(x)).to(out.dtype)
+        out = out * factor.to(out.dtype).reshape(self._channel_shape(out))
+        bias = self.base.bias
+        return out if bias is None else out + bias.reshape(self._channel_shape(out))
+
+    def _channel_shape(self, out: torch.Tensor) -> tuple[int, ...]:
+        return (-1,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_magnitude is not None:
+            return self._dora(x)
+        out = self.base(x)
+        return out + self.lora_term(self._factor_input(x)).to(out.dtype)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear``: ``base(x) + scale · (x Aᵀ) Bᵀ`` through the core's fused add."""
+
+    def base_without_bias(self, x):
+        return F.linear(x, self.base.weight)
+
+    def forward(self, x):
+        if self.lora_magnitude is not None:
+            if self.same_dtype:
+                return core.dora_forward(x, self.weight_oi(), self.lora_A, self.lora_B, self.scale,
+                                         self.lora_magnitude, self.base.bias)
+            return self._dora(x)
+        if self.same_dtype:
+            return core.add_lora_output(self.base(x), x, self.lora_A, self.lora_B, self.scale)
+        return super().forward(x)
+
+
+class LoraConv1D(LoraLinear):
+    """LoRA on transformers' GPT-2 ``Conv1D``, whose weight is stored (in, out)."""
+
+    def weight_oi(self):
+        return self.base.weight.T
+
+    def base_without_bias(self, x):
+        return x @ self.base.weight
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA on ``nn.Conv2d``: A is a convolution with the base's geometry, B a 1×1 convolution."""
+
+    kind = "conv"
+
+    def base_without_bias(self, x):
+        return self.base._conv_forward(x, self.base.weight, None)
+
+    def lora_term(self, x):
+        # the base's _conv_forward applies its stride, padding, dilation and padding mode
+        hidden = self.base._conv_forward(x, self.lora_A, None) * self.scale
+        return F.conv2d(hidden, self.lora_B)
+
+    def _channel_shape(self, out):
+        return (1, -1) + (1,) * (out.ndim - 2)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: the base lookup unchanged, plus ``scale · A[:, ids]ᵀ Bᵀ``.
+
+    The base keeps its ``padding_idx``/``max_norm`` semantics. As in PEFT, A's ``padding_idx``
+    column gets no gradient; unlike PEFT, ``max_norm`` does not renormalise A in place. A
+    scaled embedding (an ``embed_scale`` attribute, e.g. Gemma) scales the LoRA term too, as
+    it scales the merged table.
+    """
+
+    kind = "embedding"
+
+    def __init__(self, base, module, *, strength=1.0, dtype=None):
+        super().__init__(base, module, strength=strength, dtype=dtype)
+        pad = base.padding_idx
+        keep = None
+        if pad is not None:
+            keep = torch.ones(1, base.num_embeddings, dtype=torch.bool, device=base.weight.device)
+            keep[0, pad] = False
+        self.register_buffer("trainable_columns", keep, persistent=False)
+
+    def lora_term(self, ids):
+        A = self.lora_A
+        if self.trainable_columns is not None and A.requires_grad and torch.is_grad_enabled():
+            A = torch.where(self.trainable_columns, A, A.detach())
+        out = core.embedding_lora_output(ids, A, self.lora_B, self.scale)
+        embed_scale = getattr(self.base, "embed_scale", None)
+        return out if embed_scale is None else out * embed_scale.to(out.dtype)
+
+    def forward(self, ids):
+        out = self.base(ids)
+        return out + self.lora_term(ids).to(out.dtype)
+
+
+# -- which wrapper fits which layer (first match wins) ----------------------------------------------------
+
+def _is_transformers_conv1d(layer: nn.Module) -> bool:
+    # look in sys.modules, never import transformers to check
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(layer, utils.Conv1D)
+
+
+# (predicate, wrapper, layer description, weight shape in the layout ΔW has)
+_DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str,
+                      Callable[[nn.Module], tuple[int, ...]]]] = [
+    (lambda m: isinstance(m, nn.Linear), LoraLinear, "Linear", lambda m: tuple(m.weight.shape)),
+    (_is_transformers_conv1d, LoraConv1D, "transformers Conv1D", lambda m: tuple(m.weight.shape)[::-1]),
+    (lambda m: isinstance(m, nn.Conv2d), LoraConv2d, "Conv2d", lambda m: tuple(m.weight.shape)),
+    (lambda m: isinstance(m, nn.Embedding), LoraEmbedding, "Embedding", lambda m: tuple(m.weight.shape)),
+]
+
+_SUPPORTED = "nn.Linear, nn.Conv2d, nn.Embedding or transformers' Conv1D"
+
+
+def _dispatch(name: str, layer: nn.Module, module: LoraModule):
+    """The wrapper class for ``layer``, after checking the module's kind and shapes fit it."""
+    for matches, wrapper, description, weight_shape in _DISPATCH:
+        if not matches(layer):
+            continue
+        if module.kind != wrapper.kind:
+            raise LoraError(f"module {name!r}: the adapter has a {module.kind!r} LoRA but the layer "
+                            f"is a {description}, which takes kind {wrapper.kind!r}", key=name)
+        expected = weight_shape(layer)
+        if tuple(module.weight_shape) != expected:
+            raise LoraError(f"module {name!r}: the {description} weight is {list(expected)} (out, in, ...) "
+                            f"but the adapter's A {list(module.A.shape)} and B {list(module.B.shape)} "
+                            f"give ΔW {list(module.weight_shape)}", key=name)
+        if wrapper is LoraConv2d and layer.groups != 1:
+            raise LoraError(f"module {name!r}: grouped convolutions (groups={layer.groups}) are not "
+                            "supported", key=name)
+        return wrapper
+    raise LoraError(f"module {name!r} is a {type(layer).__name__}; LoRA applies to {_SUPPORTED}",
+                    key=name)
+
+
+# -- finding layers ----------------------------------------------------------------------------------------
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, child = name.rpartition(".")
+    return parent, child
+
+
+def _resolve(model: nn.Module, adapter: Adapter, verb: str) -> dict[str, nn.Module]:
+    """``{name: layer}`` for every adapter module, or one LoraError naming all that match nothing."""
+    if not isinstance(model, nn.Module):
+        raise LoraError(f"{verb}() needs a torch.nn.Module, found {type(model).__name__}")
+    if not isinstance(adapter, Adapter):
+        raise LoraError(f"{verb}() needs a portable_lora.Adapter, found {type(adapter).__name__}")
+    if len(adapter) == 0:
+        raise LoraError(f"{verb}(): the adapter has no modules")
+    found, missing = {}, []
+    for name in adapter:
+        try:
+            found[name] = model.get_submodule(name)
+        except AttributeError:
+            missing.append(name)
+    if missing:
+        known = [n for n, _ in model.named_modules() if n]
+        hint = difflib.get_close_matches(missing[0], known, n=1)
+        hint_text = f" (did you mean {hint[0]!r} for {missing[0]!r}?)" if hint else ""
+        raise LoraError(f"{len(missing)} adapter module(s) match no layer of the model: "
+                        f"{', '.join(repr(m) for m in missing)}{hint_text}", key=missing[0])
+    for name, layer in found.items():
+        parent = model.get_submodule(_split(name)[0])
+        if isinstance(layer, LoraLayer) or isinstance(parent, LoraLayer):
+            raise LoraError(f"module {name!r} already has a LoRA applied; call remove(model) first",
+                            key=name)
+    return found
+
+
+def _wrappers(model: nn.Module, verb: str) -> list[tuple[str, LoraLayer]]:
+    if not isinstance(model, nn.Module):
+        raise LoraError(f"{verb}() needs a torch.nn.Module, found {type(model).__name__}")
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    if not wrapped:
+        raise LoraError(f"{verb}(): the model has no LoRA layers (apply() an adapter first)")
+    return wrapped
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, child = _split(name)
+    setattr(model.get_submodule(parent), child, layer)
+
+
+# -- the verbs ------------------------------------------------------------------------------------------------
+
+def apply(model: nn.Module, adapter: Adapter, *, strength: float = 1.0, freeze_base: bool = True,
+          dtype: torch.dtype | None = None) -> nn.Module:
+    """Wrap every layer ``adapter`` names so its forward adds the unmerged LoRA; returns ``model``.
+
+    ``freeze_base`` (default) sets ``requires_grad=False`` on every parameter of the model
+    that is not a LoRA parameter, so an optimizer over ``model.parameters()`` trains only the
+    factors; :func:`remove` restores the flags it changed. ``dtype`` is the factors' dtype
+    (default: each base weight's dtype). Every module is checked before any layer changes.
+    """
+    strength = _check_strength(strength)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise LoraError(f"dtype must be a floating torch.dtype, found {dtype!r}")
+    layers = _resolve(model, adapter, "apply")
+    wrappers = {name: _dispatch(name, layer, adapter[name]) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        _replace(model, name, wrappers[name](layer, adapter[name], strength=strength, dtype=dtype))
+    if freeze_base:
+        lora = {id(p) for _, w in _wrappers(model, "apply") for p in _lora_parameters(w)}
+        frozen = model.__dict__.setdefault(_FROZEN_ATTR, [])
+        for parameter in model.parameters():
+            if id(parameter) not in lora and parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen.append(parameter)
+    return model
+
+
+def _lora_parameters(wrapper: LoraLayer) -> Iterable[nn.Parameter]:
+    return [p for p in (wrapper.lora_A, wrapper.lora_B, wrapper.lora_magnitude) if p is not None]
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Put back every layer :func:`apply` wrapped (the same objects) and unfreeze what it froze."""
+    for name, wrapper in _wrappers(model, "remove"):
+        _replace(model, name, wrapper.base)
+    for parameter in model.__dict__.pop(_FROZEN_ATTR, []):
+        parameter.requires_grad_(True)
+    return model
+
+
+def set_strength(model: nn.Module, strength: float) -> nn.Module:
+    """Set the strength of every LoRA layer (0: no LoRA term, 2: twice the term).
+
+    Under ``torch.compile`` a new strength is picked up by a recompile (the scale is traced
+    as a constant).
+    """
+    strength = _check_strength(strength)
+    for _, wrapper in _wrappers(model, "set_strength"):
+        wrapper.set_strength(strength)
+    return model
+
+
+def extract(model: nn.Module) -> Adapter:
+    """The LoRA layers' current factors as an :class:`Adapter` (names, alpha and rule kept)."""
+    return Adapter({name: wrapper.lora_module() for name, wrapper in _wrappers(model, "extract")},
+                   base_model=None, provenance={"source_format": "torch",
+                                                "created_by": "portable_lora.torch.extract"})
+
+
+class _MergeRecord:
+    """What :func:`unmerge` needs: the scale used, and DoRA's ‖W + ΔW‖ taken before the merge."""
+
+    __slots__ = ("scale", "weight_norm", "rank")
+
+    def __init__(self, scale: float, weight_norm: torch.Tensor | None, rank: int):
+        self.scale, self.weight_norm, self.rank = scale, weight_norm, rank
+
+
+def _merge_inputs(name: str, layer: nn.Module, module: LoraModule):
+    weight = layer.weight
+    factors = [to_torch(module.A, device=weight.device), to_torch(module.B, device=weight.device)]
+    magnitude = None if module.magnitude is None else to_torch(module.magnitude, device=weight.device)
+    return weight, factors, magnitude, _is_transformers_conv1d(layer)
+
+
+def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Module:
+    """Add ΔW (or DoRA's rescaled weight) into each named layer's weight, in place.
+
+    The sum is taken in float32 (float64 for float64 weights) and rounded once to the weight's
+    dtype (:func:`core.merge_into`). Each layer remembers what :func:`unmerge` needs. Layers
+    must be plain (not wrapped by :func:`apply`): to merge trained factors, ``a = extract(m);
+    remove(m); merge(m, a)``.
+    """
+    strength = _check_strength(strength)
+    layers = _resolve(model, adapter, "merge")
+    for name, layer in layers.items():
+        _dispatch(name, layer, adapter[name])
+    with torch.no_grad():
+        for name, layer in layers.items():
+            module = adapter[name]
+            scale = module.scale * strength
+            weight, (A, B), magnitude, transposed = _merge_inputs(name, layer, module)
+            norm = None
+            if magnitude is not None:
+                norm = core.dora_weight_norm(weight, A, B, scale, module.kind, transposed=transposed)
+            merged = core.merge_into(weight, A, B, scale, module.kind, magnitude=magnitude,
+                                     transposed=transposed)
+            weight.copy_(merged)
+            layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(scale, norm, module.rank))
+    return model
+
+
+def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
+    """Undo :func:`merge` of ``adapter`` (same strength, the last merge of each layer first)."""
+    layers = _resolve(model, adapter, "unmerge")
+    for name, layer in layers.items():
+        _dispatch(name, layer, adapter[name])
+        records = layer.__dict__.get(_MERGES_ATTR)
+        if not records:
+            raise LoraError(f"module {name!r} has no merged LoRA to unmerge", key=name)
+        record = records[-1]
+        module = adapter[name]
+        if record.rank != module.rank or (record.weight_norm is None) != (module.magnitude is None):
+            raise LoraError(f"module {name!r}: the last merge was a rank {record.rank} "
+                            f"{'DoRA' if record.weight_norm is not None else 'LoRA'}, the adapter has a "
+                            f"rank {module.rank} {'DoRA' if module.is_dora else 'LoRA'}", key=name)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            module = adapter[name]
+            record = layer.__dict__[_MERGES_ATTR].pop()
+            weight, (A, B), magnitude, transposed = _merge_inputs(name, layer, module)
+            original = core.unmerge_from(weight, A, B, record.scale, module.kind, magnitude=magnitude,
+                                         weight_norm=record.weight_norm, transposed=transposed)
+            weight.copy_(original)
+            if not layer.__dict__[_MERGES_ATTR]:
+                del layer.__dict__[_MERGES_ATTR]
+    return model

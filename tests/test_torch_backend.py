@@ -1,0 +1,596 @@
+"""The PyTorch adapter: wrapped forward, merge/unmerge, extract, strength, training, compile,
+and peer checks against PEFT and a hand merge of ``Adapter.delta_weight`` on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import TOLERANCE, assert_close, required_backends
+
+if "torch" in required_backends():
+    import torch  # a run that asked for torch fails here instead of skipping
+else:
+    torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from portable_lora import examples  # noqa: E402
+from portable_lora import torch as plt  # noqa: E402
+from portable_lora.adapter import Adapter, LoraModule  # noqa: E402
+from portable_lora.errors import LoraError  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+RNG = np.random.default_rng(7)
+
+
+def npy(t):
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+# -- tiny models ---------------------------------------------------------------------------------
+
+def tiny_llama(dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                         max_position_embeddings=64, attn_implementation="eager")
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+LLAMA_SHAPES = examples.llama_module_shapes(layers=2, hidden=64, intermediate=128, kv_hidden=32)
+IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+
+
+def tiny_gpt2(dtype=torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32,
+                        attn_implementation="eager")
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+GPT2_NAMES = [f"transformer.h.{i}.{p}" for i in range(2)
+              for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def gpt2_shapes(model):
+    # Conv1D weights are (in, out); adapters are canonical (out, in)
+    return {n: tuple(model.get_submodule(n).weight.shape)[::-1] for n in GPT2_NAMES}
+
+
+class ConvNet(nn.Module):
+    def __init__(self, **geometry):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, **geometry)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+class EmbedNet(nn.Module):
+    def __init__(self, padding_idx=None):
+        super().__init__()
+        self.embed = nn.Embedding(20, 12, padding_idx=padding_idx)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+class Mixed(nn.Module):
+    """One of each supported layer."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 12, padding_idx=0)
+        self.proj = nn.Linear(12, 10)
+        self.gpt = Conv1D(12, 10)   # nf=out 12, nx=in 10
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, ids, image):
+        h = self.gpt(self.proj(self.embed(ids)))
+        return h, self.conv(image)
+
+
+MIXED_SHAPES = {"embed": (20, 12), "proj": (10, 12), "gpt": (12, 10), "conv": (4, 3, 3, 3)}
+MIXED_KINDS = {"embed": "embedding", "proj": "linear", "gpt": "linear", "conv": "conv"}
+MIXED_INPUTS = (torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0)),
+                torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)))
+
+
+def mixed_adapter(dora=False, dtype=np.float32, seed=0):
+    adapter = Adapter()
+    for name, shape in MIXED_SHAPES.items():
+        kind = MIXED_KINDS[name]
+        one = examples.random_adapter({name: shape}, rank=3, alpha=6.0, kind=kind, seed=seed,
+                                      dtype=dtype, dora=dora and kind != "embedding")
+        adapter[name] = one[name]
+    return adapter
+
+
+def run_mixed(model):
+    ids, image = MIXED_INPUTS
+    dtype = next(p.dtype for n, p in model.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        return model(ids, image.to(dtype))
+
+
+# -- the shim ---------------------------------------------------------------------------------------
+
+def test_shim_reexports_the_verbs():
+    from portable_lora.backends import torch as backend
+
+    for verb in ("apply", "merge", "unmerge", "remove", "extract", "set_strength"):
+        assert getattr(plt, verb) is getattr(backend, verb)
+
+
+def test_module_docstring_example_runs():
+    import doctest
+
+    from portable_lora.backends import torch as backend
+
+    result = doctest.testmod(backend)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_shim_without_torch_says_how_to_install():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import portable_lora.torch\n"
+            "except ImportError as e:\n    print(e, '|', type(e.__cause__).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "portable_lora.torch needs PyTorch: pip install 'portable-lora[torch]'" in out.stdout
+    assert "| ModuleNotFoundError" in out.stdout
+
+
+# -- forward vs a hand merge of Adapter.delta_weight ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_llama_logits_match_hand_merge(dtype):
+    base = tiny_llama(DTYPES[dtype])
+    adapter = examples.random_adapter(LLAMA_SHAPES, rank=4, alpha=8.0, seed=1)
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        for name in adapter:
+            w = by_hand.get_submodule(name).weight
+            w.copy_((w.double() + torch.from_numpy(adapter.delta_weight(name, np.float64))).to(w.dtype))
+        expected = by_hand(IDS).logits
+        actual = plt.apply(base, adapter)(IDS).logits
+    assert actual.dtype == DTYPES[dtype]
+    assert_close(npy(actual), npy(expected), dtype, what="llama logits")
+    # and the LoRA term is not negligible, so the comparison proves something
+    with torch.no_grad():
+        plt.set_strength(base, 0.0)
+        plain = base(IDS).logits
+    assert np.abs(npy(plain) - npy(expected)).max() > 50 * TOLERANCE[dtype] * np.abs(npy(expected)).max()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_gpt2_conv1d_logits_match_hand_merge(dtype):
+    base = tiny_gpt2(DTYPES[dtype])
+    adapter = examples.random_adapter(gpt2_shapes(base), rank=4, alpha=8.0, seed=2)
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        for name in adapter:
+            w = by_hand.get_submodule(name).weight  # (in, out): ΔW goes in transposed
+            w.copy_((w.double() + torch.from_numpy(adapter.delta_weight(name, np.float64)).T).to(w.dtype))
+        expected = by_hand(IDS).logits
+        actual = plt.apply(base, adapter)(IDS).logits
+    assert isinstance(base.get_submodule(GPT2_NAMES[0]), plt.LoraConv1D)
+    assert_close(npy(actual), npy(expected), dtype, what="gpt2 logits")
+
+
+# -- peers: PEFT ------------------------------------------------------------------------------------
+
+def peft_adapter(peft_model, names, *, rank, alpha, rule, kind="linear", dora=False):
+    """PEFT's own factors (and magnitudes) copied into an Adapter, names without the prefix."""
+    root = peft_model.base_model.model
+    adapter = Adapter()
+    for name in names:
+        layer = root.get_submodule(name)
+        if kind == "embedding":
+            A, B = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+        else:
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        magnitude = None
+        if dora:
+            magnitude = plt.to_numpy(layer.lora_magnitude_vector["default"].weight).reshape(-1)
+        adapter[name] = LoraModule(plt.to_numpy(A), plt.to_numpy(B), alpha=alpha, rule=rule,
+                                   kind=kind, magnitude=magnitude)
+    return adapter
+
+
+def make_peft(model, names, *, rank, alpha, rslora=False, dora=False, **extra):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(names), use_rslora=rslora,
+                        use_dora=dora, init_lora_weights=False, lora_dropout=0.0, **extra)
+    peft_model = get_peft_model(model, config)
+    if dora:  # PEFT starts m at ‖W + ΔW‖ (DoRA = LoRA then): move it so DoRA is really tested
+        with torch.no_grad():
+            for layer in peft_model.modules():
+                if hasattr(layer, "lora_magnitude_vector") and "default" in layer.lora_magnitude_vector:
+                    m = layer.lora_magnitude_vector["default"].weight
+                    m.mul_(1 + 0.2 * torch.randn(m.shape))
+    return peft_model.eval()
+
+
+def check_against_peft(base, names, inputs, forward, *, rank=4, alpha=8, rslora=False, dora=False,
+                       kind="linear", **extra):
+    ours = copy.deepcopy(base)
+    merged_ours = copy.deepcopy(base)
+    peft_model = make_peft(base, names, rank=rank, alpha=alpha, rslora=rslora, dora=dora, **extra)
+    rule = "alpha/sqrt(rank)" if rslora else "alpha/rank"
+    adapter = peft_adapter(peft_model, names, rank=rank, alpha=alpha, rule=rule, kind=kind, dora=dora)
+    with torch.no_grad():
+        expected = forward(peft_model, inputs)
+        actual = forward(plt.apply(ours, adapter), inputs)
+    assert_close(npy(actual), npy(expected), "float32", what="forward vs PEFT")
+    # merged weights: PEFT's merge_and_unload against ours, layer by layer
+    plt.merge(merged_ours, adapter)
+    peft_merged = peft_model.merge_and_unload()
+    for name in names:
+        assert_close(npy(merged_ours.get_submodule(name).weight), npy(peft_merged.get_submodule(name).weight),
+                     "float32", what=f"merged {name}")
+    return adapter
+
+
+def llama_forward(model, ids):
+    return model(ids).logits
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("rslora,dora", [(False, False), (True, False), (False, True)],
+                         ids=["lora", "rslora", "dora"])
+def test_peft_llama_linear(rslora, dora):
+    names = [n for n in LLAMA_SHAPES if ".0." in n or "q_proj" in n]
+    check_against_peft(tiny_llama(), names, IDS, llama_forward, rank=4, alpha=12, rslora=rslora,
+                       dora=dora)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_gpt2_conv1d(dora):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notice
+        check_against_peft(tiny_gpt2(), GPT2_NAMES, IDS, llama_forward, dora=dora, fan_in_fan_out=True)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_conv2d(dora):
+    torch.manual_seed(1)
+    image = torch.randn(2, 3, 9, 9)
+    check_against_peft(ConvNet(stride=2, padding=1), ["conv1", "conv2"], image, lambda m, x: m(x),
+                       rank=3, alpha=6, dora=dora, kind="conv")
+
+
+@pytest.mark.peer
+def test_peft_embedding_forward_merge_and_gradients():
+    torch.manual_seed(2)
+    base = EmbedNet(padding_idx=0)
+    ids = torch.tensor([[0, 3, 5, 0], [7, 19, 0, 2]])
+    adapter = check_against_peft(base, ["embed"], ids, lambda m, x: m(x), rank=3, alpha=6,
+                                 kind="embedding")
+    # gradients of A and B match PEFT's, padding column of A included (no gradient there)
+    peft_model = make_peft(copy.deepcopy(base), ["embed"], rank=3, alpha=6).train()
+    with torch.no_grad():  # same factors in both
+        layer = peft_model.base_model.model.embed
+        layer.lora_embedding_A["default"].copy_(torch.from_numpy(adapter["embed"].A))
+        layer.lora_embedding_B["default"].copy_(torch.from_numpy(adapter["embed"].B))
+    ours = plt.apply(copy.deepcopy(base), adapter).train()
+    peft_model(ids).square().sum().backward()
+    ours(ids).square().sum().backward()
+    grad_a = ours.embed.lora_A.grad
+    assert_close(npy(grad_a), npy(layer.lora_embedding_A["default"].grad), "float32", what="grad A")
+    assert_close(npy(ours.embed.lora_B.grad), npy(layer.lora_embedding_B["default"].grad), "float32",
+                 what="grad B")
+    assert torch.all(grad_a[:, 0] == 0) and torch.any(grad_a[:, 3] != 0)
+
+
+# -- merge, unmerge, remove, extract, strength ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_merge_matches_unmerged_forward_and_unmerge_restores(dtype, dora):
+    base = Mixed().to(DTYPES[dtype])
+    adapter = mixed_adapter(dora=dora)
+    originals = {n: p.detach().clone() for n, p in base.state_dict().items()}
+    unmerged = run_mixed(plt.apply(copy.deepcopy(base), adapter))
+    plt.merge(base, adapter)
+    merged = run_mixed(base)
+    for got, want in zip(merged, unmerged):
+        assert_close(npy(got), npy(want), dtype, what="merged vs unmerged forward")
+    for name in MIXED_SHAPES:  # the merge really changed every weight
+        assert not torch.equal(base.get_submodule(name).weight, originals[f"{name}.weight"])
+    plt.unmerge(base, adapter)
+    for name, value in base.state_dict().items():
+        assert_close(npy(value), npy(originals[name]), dtype, what=f"unmerged {name}")
+    assert not any(hasattr(m, "_portable_lora_merges") for m in base.modules())
+
+
+def test_merge_twice_unmerges_in_reverse_order():
+    base = Mixed()
+    originals = {n: p.detach().clone() for n, p in base.state_dict().items()}
+    first, second = mixed_adapter(dora=True, seed=1), mixed_adapter(dora=True, seed=2)
+    plt.merge(base, first, strength=0.5)
+    plt.merge(base, second)
+    plt.unmerge(base, second)
+    plt.unmerge(base, first)
+    for name, value in base.state_dict().items():
+        assert_close(npy(value), npy(originals[name]), "float32", what=name)
+
+
+@pytest.mark.parametrize("geometry", [dict(stride=2, padding=2, dilation=2),
+                                      dict(padding=1, padding_mode="reflect"),
+                                      dict(padding="same", dilation=2)],
+                         ids=["strided-dilated", "reflect", "same"])
+def test_conv_lora_uses_the_base_geometry(geometry):
+    base = ConvNet(**geometry)
+    adapter = examples.random_adapter({"conv2": (6, 8, 3, 3)}, rank=3, kind="conv", seed=4)
+    image = torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unmerged = plt.apply(copy.deepcopy(base), adapter)(image)
+        merged = plt.merge(base, adapter)(image)
+    assert_close(npy(unmerged), npy(merged), "float32", what="conv unmerged vs merged")
+
+
+def test_scaled_embedding_scales_the_lora_term_like_the_merged_table():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    torch.manual_seed(0)
+    base = nn.Sequential(Gemma3TextScaledWordEmbedding(20, 12, padding_idx=0, embed_scale=12 ** 0.5))
+    adapter = examples.random_adapter({"0": (20, 12)}, rank=3, kind="embedding", seed=5)
+    ids = MIXED_INPUTS[0]
+    with torch.no_grad():
+        unmerged = plt.apply(copy.deepcopy(base), adapter)(ids)
+        merged = plt.merge(base, adapter)(ids)
+    assert_close(npy(unmerged), npy(merged), "float32", what="scaled embedding")
+
+
+def test_remove_restores_the_original_layers():
+    base = Mixed()
+    base.proj.bias.requires_grad_(False)  # a flag apply() did not set stays as it was
+    layers = {n: base.get_submodule(n) for n in MIXED_SHAPES}
+    before = run_mixed(base)
+    state = {n: p.clone() for n, p in base.state_dict().items()}
+    plt.apply(base, mixed_adapter())
+    assert all(isinstance(base.get_submodule(n), plt.LoraLayer) for n in MIXED_SHAPES)
+    assert plt.remove(base) is base
+    assert all(base.get_submodule(n) is layers[n] for n in MIXED_SHAPES)
+    assert base.state_dict().keys() == state.keys()
+    assert all(torch.equal(base.state_dict()[n], state[n]) for n in state)
+    assert {n for n, p in base.named_parameters() if not p.requires_grad} == {"proj.bias"}
+    for got, want in zip(run_mixed(base), before):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("np_dtype", [np.float32, ml_dtypes.bfloat16], ids=["float32", "bfloat16"])
+def test_extract_round_trips_the_adapter(np_dtype):
+    torch_dtype = torch.bfloat16 if np_dtype == ml_dtypes.bfloat16 else torch.float32
+    adapter = mixed_adapter(dora=True, dtype=np_dtype)
+    adapter["proj"] = LoraModule(adapter["proj"].A, adapter["proj"].B, alpha=3.5, rule="raw",
+                                 magnitude=adapter["proj"].magnitude)
+    model = plt.apply(Mixed().to(torch_dtype), adapter)
+    back = plt.extract(model)
+    assert list(back) == list(adapter)
+    for name, want in adapter.items():
+        got = back[name]
+        assert (got.alpha, got.rule, got.kind, got.is_dora) == (want.alpha, want.rule, want.kind, want.is_dora)
+        assert got.A.dtype == want.A.dtype
+        assert np.array_equal(got.A.view(np.uint8), want.A.view(np.uint8))
+        assert np.array_equal(got.B.view(np.uint8), want.B.view(np.uint8))
+        if want.is_dora:
+            assert np.array_equal(got.magnitude.view(np.uint8), want.magnitude.view(np.uint8))
+
+
+@pytest.mark.parametrize("name", list(MIXED_SHAPES))
+def test_strength_zero_is_the_base_and_two_doubles_the_term(name):
+    # one adapted layer at a time: the rest of Mixed is affine, so the term passes through linearly
+    base = Mixed()
+    plain = run_mixed(base)
+    adapter = mixed_adapter()
+    model = plt.apply(copy.deepcopy(base), Adapter({name: adapter[name]}), strength=1.0)
+    one = run_mixed(model)
+    plt.set_strength(model, 0.0)
+    for got, want in zip(run_mixed(model), plain):
+        assert torch.equal(got, want)
+    plt.set_strength(model, 2.0)
+    for got, single, ref in zip(run_mixed(model), one, plain):
+        assert_close(npy(got - ref), 2 * npy(single - ref), "float32", what="strength 2")
+    assert "strength=2" in repr(model.get_submodule(name))
+
+
+def test_strength_at_apply_time_equals_set_strength():
+    base = Mixed()
+    a = run_mixed(plt.apply(copy.deepcopy(base), mixed_adapter(dora=True), strength=0.5))
+    model = plt.apply(copy.deepcopy(base), mixed_adapter(dora=True))
+    b = run_mixed(plt.set_strength(model, 0.5))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# -- training -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_training_step_changes_only_the_factors(dora):
+    model = plt.apply(tiny_llama().train(), examples.random_adapter(LLAMA_SHAPES, rank=4, dora=dora))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    suffixes = ("lora_A", "lora_B") + (("lora_magnitude",) if dora else ())
+    assert trainable == {f"{m}.{s}" for m in LLAMA_SHAPES for s in suffixes}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = model(IDS, labels=IDS).loss
+    loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        assert changed == (name in trainable), name
+    # what was trained comes back out
+    trained = plt.extract(model)
+    name = "model.layers.1.mlp.down_proj"
+    assert np.array_equal(trained[name].B, plt.to_numpy(model.get_submodule(name).lora_B))
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_compile_fullgraph_has_no_graph_break(dora):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = plt.apply(Mixed(), mixed_adapter(dora=dora))
+    eager = run_mixed(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dynamo warnings either (e.g. lru_cache tracing)
+        explanation = torch._dynamo.explain(model)(*MIXED_INPUTS)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph raises on a break
+    with torch.no_grad():
+        for got, want in zip(compiled(*MIXED_INPUTS), eager):
+            assert_close(npy(got), npy(want), "float32", what="compiled")
+        plt.set_strength(model, 0.0)  # a new strength reaches the compiled model
+        for got, want in zip(compiled(*MIXED_INPUTS), run_mixed(plt.remove(copy.deepcopy(model)))):
+            if not dora:
+                assert torch.equal(got, want)
+
+
+def test_compile_fullgraph_trains_a_llama():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = plt.apply(tiny_llama().train(), examples.random_adapter(LLAMA_SHAPES, rank=4, dora=True),
+                      dtype=torch.float32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(IDS, labels=IDS).loss
+    loss.backward()
+    grad = model.model.layers[0].self_attn.q_proj.lora_A.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# -- dtype and device -----------------------------------------------------------------------------------
+
+def test_factors_follow_the_base_dtype_unless_overridden():
+    adapter = mixed_adapter(dora=True)
+    model = plt.apply(Mixed().to(torch.bfloat16), adapter)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    reference = run_mixed(plt.apply(Mixed(), adapter))
+    wide = plt.apply(Mixed().to(torch.bfloat16), adapter, dtype=torch.float32)
+    assert {p.dtype for n, p in wide.named_parameters() if "lora_" in n} == {torch.float32}
+    for got, want in zip(run_mixed(wide), reference):
+        assert got.dtype == torch.bfloat16
+        assert_close(npy(got), npy(want), "bfloat16", what="float32 factors on a bfloat16 base")
+
+
+def test_factors_are_created_on_the_base_device():
+    with torch.device("meta"):
+        model = Mixed()
+    plt.apply(model, mixed_adapter(dora=True))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_and_merge():
+    adapter = mixed_adapter(dora=True)
+    cpu = run_mixed(plt.apply(Mixed(), adapter))
+    model = plt.apply(Mixed().cuda(), adapter)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    with torch.no_grad():
+        out = model(*(t.cuda() for t in MIXED_INPUTS))
+    for got, want in zip(out, cpu):
+        assert_close(npy(got), npy(want), "float32", what="cuda")
+    merged = plt.merge(Mixed().cuda(), adapter)
+    with torch.no_grad():
+        for got, want in zip(merged(*(t.cuda() for t in MIXED_INPUTS)), cpu):
+            assert_close(npy(got), npy(want), "float32", what="cuda merged")
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+def test_unmatched_modules_are_all_listed():
+    adapter = mixed_adapter()
+    adapter["base_model.model.proj"] = adapter["proj"].copy()
+    adapter["nowhere"] = adapter["proj"].copy()
+    model = Mixed()
+    with pytest.raises(LoraError, match=r"2 adapter module\(s\) match no layer.*'base_model.model.proj', "
+                                        r"'nowhere'") as info:
+        plt.apply(model, adapter)
+    assert info.value.key == "base_model.model.proj"
+    assert not any(isinstance(m, plt.LoraLayer) for m in model.modules())  # nothing half-applied
+
+
+def test_shape_mismatch_names_module_and_shapes():
+    adapter = examples.random_adapter({"proj": (10, 11)}, rank=2)
+    with pytest.raises(LoraError, match=r"'proj'.*Linear weight is \[10, 12\].*A \[2, 11\].*ΔW \[10, 11\]"):
+        plt.apply(Mixed(), adapter)
+    square_but_transposed = examples.random_adapter({"gpt": (10, 12)}, rank=2)
+    with pytest.raises(LoraError, match=r"'gpt'.*Conv1D weight is \[12, 10\]"):
+        plt.merge(Mixed(), square_but_transposed)
+
+
+def test_applying_twice_is_an_error():
+    model = plt.apply(Mixed(), mixed_adapter())
+    with pytest.raises(LoraError, match="'embed' already has a LoRA applied; call remove"):
+        plt.apply(model, mixed_adapter())
+    with pytest.raises(LoraError, match="already has a LoRA applied"):
+        plt.merge(model, mixed_adapter())
+
+
+@pytest.mark.parametrize("name,kind,shape,expected", [
+    ("proj", "embedding", (12, 10), "'embedding' LoRA but the layer is a Linear"),
+    ("conv", "linear", (4, 3), "'linear' LoRA but the layer is a Conv2d"),
+    ("embed", "linear", (12, 20), "'linear' LoRA but the layer is a Embedding"),
+])
+def test_kind_must_fit_the_layer(name, kind, shape, expected):
+    adapter = examples.random_adapter({name: shape}, rank=2, kind=kind)
+    with pytest.raises(LoraError, match=expected):
+        plt.apply(Mixed(), adapter)
+
+
+def test_unsupported_layers_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(LoraError, match="'1' is a LayerNorm; LoRA applies to nn.Linear"):
+        plt.apply(model, examples.random_adapter({"1": (4, 4)}, rank=2))
+    grouped = examples.random_adapter({"2": (4, 2, 3, 3)}, rank=2, kind="conv")
+    with pytest.raises(LoraError, match="grouped convolutions"):
+        plt.apply(model, grouped)
+
+
+def test_verbs_on_a_model_without_lora_are_errors():
+    model = Mixed()
+    for verb in (plt.extract, plt.remove, lambda m: plt.set_strength(m, 1.0)):
+        with pytest.raises(LoraError, match="no LoRA layers"):
+            verb(model)
+    with pytest.raises(LoraError, match="'embed' has no merged LoRA to unmerge"):
+        plt.unmerge(model, mixed_adapter())
+    plt.merge(model, mixed_adapter(dora=True))
+    with pytest.raises(LoraError, match="last merge was a rank 3 DoRA"):
+        plt.unmerge(model, mixed_adapter())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), "1", True, None])
+def test_bad_strength(bad):
+    with pytest.raises(LoraError, match="strength must be a finite real number"):
+        plt.apply(Mixed(), mixed_adapter(), strength=bad)
+
+
+def test_bad_arguments():
+    with pytest.raises(LoraError, match="needs a torch.nn.Module"):
+        plt.apply(object(), mixed_adapter())
+    with pytest.raises(LoraError, match="needs a portable_lora.Adapter"):
+        plt.apply(Mixed(), {"proj": None})
+    with pytest.raises(LoraError, match="dtype must be a floating torch.dtype"):
+        plt.apply(Mixed(), mixed_adapter(), dtype=torch.int8)
