@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import portable_lora as pl
+from portable_lora.formats import get_format
 
-FILE_FORMATS = {"portable", "kohya", "diffusers", "diffsynth"}  # one .safetensors; others are directories
 
 # name families, and the formats that can hold each
 FAMILIES = {
@@ -41,7 +41,7 @@ PAIRS = sorted({(fam, a, b) for fam, fmts in SUPPORTS.items() for a, b in iterto
 
 
 def _path(root: Path, fmt: str, tag: str) -> Path:
-    return root / (f"{tag}.safetensors" if fmt in FILE_FORMATS else tag)
+    return root / (f"{tag}.safetensors" if get_format(fmt).LAYOUT == "file" else tag)
 
 
 def _save_load(adapter: pl.Adapter, fmt: str, root: Path, tag: str) -> pl.Adapter:
@@ -109,3 +109,11 @@ def test_mixed_scales_fold_within_one_rounding(tmp_path, target):
     back = pl.load(out, format=target)
     for name in adapter:
         np.testing.assert_allclose(back.delta_weight(name), adapter.delta_weight(name), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", list(pl.FORMATS))
+def test_every_format_module_has_the_interface(fmt):
+    module = get_format(fmt)
+    assert module.NAME == fmt
+    assert module.LAYOUT in ("file", "directory")
+    assert all(callable(getattr(module, verb)) for verb in ("detect", "load", "save"))

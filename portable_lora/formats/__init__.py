@@ -3,6 +3,7 @@
 Every format module defines:
 
 * ``NAME``: the format's name (``peft``, ``mlx-lm``, ...);
+* ``LAYOUT``: ``"file"`` (one .safetensors) or ``"directory"`` (weights and a JSON config);
 * ``detect(path) -> str | None``: why ``path`` looks like this format, or None;
 * ``load(path, *, convention=None, **options) -> Adapter``;
 * ``save(adapter, path, **options) -> None`` (atomic; see :mod:`portable_lora.io.atomic`).

@@ -33,6 +33,7 @@ from ._common import (PROVENANCE_KEY, fold_scale, module_from, provenance_metada
                       stored_provenance)
 
 NAME = "diffsynth"
+LAYOUT = "file"  # one .safetensors
 _SUFFIXES = {".lora_A.default.weight": "A", ".lora_B.default.weight": "B",
              ".lora_A.weight": "A", ".lora_B.weight": "B"}
 _CONFIG_KEYS = ("lora_adapter_metadata", "portable_lora")

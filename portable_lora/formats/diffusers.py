@@ -42,6 +42,7 @@ from ._common import (PROVENANCE_KEY, fold_scale, module_from, pattern_key, prov
                       read_tensors, require, stored_provenance)
 
 NAME = "diffusers"
+LAYOUT = "file"  # one .safetensors
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2",
               "text_encoder_3", "prior")

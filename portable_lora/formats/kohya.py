@@ -46,6 +46,7 @@ from ._common import (PROVENANCE_KEY, convention_provenance, module_from, proven
 from .kohya_names import KOHYA_PREFIXES, kohya_name, resolve_names
 
 NAME = "kohya"
+LAYOUT = "file"  # one .safetensors
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 # LyCORIS parts that are not plain LoRA: suffix → the algorithm that writes it
 NOT_LORA = {

@@ -48,6 +48,7 @@ from ._common import (check_replaceable, convention_provenance, module_from, rea
 __all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "ENTRY", "EMBEDDING_NAMES", "detect", "load", "save"]
 
 NAME = "mlx-lm"
+LAYOUT = "directory"  # weights and a JSON config side by side
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
 ENTRY = "portable_lora"  # our own entry in adapter_config.json (both mlx tools ignore it)

@@ -38,6 +38,7 @@ from .mlx_lm import (CONFIG_NAME, VLM_TOP_LEVEL, find_files, flavour, load_layou
 __all__ = ["NAME", "WEIGHTS_NAMES", "LEGACY_DEFAULT_ALPHA", "detect", "load", "save"]
 
 NAME = "mlx-vlm"
+LAYOUT = "directory"  # weights and a JSON config side by side
 WEIGHTS_NAMES = ("adapters.safetensors", "weights.safetensors")
 LEGACY_DEFAULT_ALPHA = 0.1  # mlx-vlm's fallback for a legacy config without alpha
 _LEGACY_REASON = ("legacy mlx-vlm LoRaLayer file: its alpha meant the raw scale before mlx-vlm "

@@ -55,6 +55,7 @@ from ._common import (PROVENANCE_KEY, check_replaceable, convention_provenance, 
 __all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "detect", "load", "save", "pattern_key"]
 
 NAME = "peft"
+LAYOUT = "directory"  # weights and a JSON config side by side
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."

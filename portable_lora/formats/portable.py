@@ -20,6 +20,7 @@ from ..io.safetensors_io import SafetensorsFile, write_safetensors
 from ._common import module_from, require
 
 NAME = "portable"
+LAYOUT = "file"  # one .safetensors
 METADATA_KEY = "portable_lora"
 FORMAT_VERSION = 1
 _SUFFIXES = {"lora_A": "A", "lora_B": "B", "magnitude": "magnitude"}

@@ -36,7 +36,6 @@ from ._verify import verify
 __all__ = ["demo", "DemoReport", "demo_adapter", "demo_base"]
 
 # where each format's save writes: a directory or one .safetensors file
-_DIRECTORY_FORMATS = {"peft", "mlx-lm", "mlx-vlm"}
 # a prefix the format's module names need (the demo's model plays a text encoder / VLM text tower)
 _RENAME_FOR = {"mlx-vlm": "language_model.", "kohya": "text_encoder.", "diffusers": "text_encoder."}
 
@@ -141,7 +140,7 @@ class DemoReport:
 
 def _target(out: Path, fmt: str) -> Path:
     stem = f"adapter-{fmt}"
-    return out / stem if fmt in _DIRECTORY_FORMATS else out / f"{stem}.safetensors"
+    return out / stem if formats.get_format(fmt).LAYOUT == "directory" else out / f"{stem}.safetensors"
 
 
 def _convert_one(adapter: Adapter, fmt: str, out: Path, modules: list[str]) -> dict[str, Any]:
