@@ -10,6 +10,7 @@ from conftest import assert_close, backend_dtype_params
 
 from portable_lora import core
 from portable_lora.errors import LoraError
+from reference import ref_delta
 
 PARAMS = backend_dtype_params()
 RNG = np.random.default_rng(1234)
@@ -17,14 +18,6 @@ RNG = np.random.default_rng(1234)
 
 def rand(*shape, scale=1.0):
     return RNG.standard_normal(shape) * scale
-
-
-def ref_delta(A, B, s, kind):
-    if kind == "linear":
-        return s * B @ A
-    if kind == "conv":
-        return s * (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)).reshape(B.shape[0], *A.shape[1:])
-    return s * (B @ A).T
 
 
 FACTORS = {

@@ -20,8 +20,9 @@ from flax import nnx
 
 import portable_lora as pl
 from portable_lora import jax as plj
-from portable_lora.adapter import Adapter, LoraModule
+from portable_lora.adapter import Adapter
 from portable_lora.errors import LoraError
+from reference import random_module, ref_dora, ref_module_delta as ref_delta
 
 RNG = np.random.default_rng(7)
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -32,31 +33,7 @@ def rand(*shape, scale=1.0):
 
 
 def module(kind, shape, rank=3, alpha=6.0, rule="alpha/rank", dora=False, dtype=np.float64):
-    """A LoraModule with random factors for a weight of canonical ``shape``."""
-    if kind == "embedding":
-        A, B = rand(rank, shape[0]), rand(shape[1], rank)
-    elif kind == "conv":
-        A, B = rand(rank, *shape[1:], scale=0.3), rand(shape[0], rank, 1, 1, scale=0.3)
-    else:
-        A, B = rand(rank, shape[1], scale=0.5), rand(shape[0], rank, scale=0.5)
-    mag = (1 + 0.1 * rand(shape[0])).astype(dtype) if dora else None
-    return LoraModule(A.astype(dtype), B.astype(dtype), alpha=alpha, rule=rule, kind=kind, magnitude=mag)
-
-
-def ref_delta(m: LoraModule, strength=1.0):
-    """ΔW in float64 NumPy, canonical layout (the reference)."""
-    A, B = m.A.astype(np.float64), m.B.astype(np.float64)
-    s = m.scale * strength
-    if m.kind == "linear":
-        return s * B @ A
-    if m.kind == "conv":
-        return s * (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)).reshape(B.shape[0], *A.shape[1:])
-    return s * (B @ A).T
-
-
-def ref_dora(W, m, strength=1.0):
-    combined = W + ref_delta(m, strength)
-    return m.magnitude.astype(np.float64)[:, None] * combined / np.linalg.norm(combined, axis=1, keepdims=True)
+    return random_module(RNG, kind, shape, rank, alpha, rule, dora, dtype)
 
 
 def f64(x):
