@@ -22,7 +22,8 @@ from ..io.safetensors_io import SafetensorsFile
 __all__ = ["refuse_pickle", "read_json", "read_tensors", "require", "UnderflowWarning",
            "fold_scale", "to_uniform", "PICKLE_SUFFIXES", "safetensors_files",
            "pair_keys", "convention_provenance", "module_from", "check_replaceable",
-           "PROVENANCE_KEY", "pattern_key", "stored_provenance", "provenance_metadata"]
+           "PROVENANCE_KEY", "pattern_key", "stored_provenance", "provenance_metadata",
+           "peek_safetensors"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -97,6 +98,17 @@ def require(config: Mapping[str, Any], key: str, types: type | tuple[type, ...],
         wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types_t)
         raise LoraError(f"expected {wanted}, found {value!r} ({type(value).__name__})", file=file, key=key)
     return value
+
+
+def peek_safetensors(path: Path) -> tuple[list[str], dict[str, str]] | None:
+    """``(keys, metadata)`` of a valid safetensors file, or None (for ``detect``: never raises)."""
+    if not path.is_file():
+        return None
+    try:
+        with SafetensorsFile(path) as f:
+            return f.keys(), dict(f.metadata)
+    except LoraError:
+        return None
 
 
 def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

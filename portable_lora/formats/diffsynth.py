@@ -28,8 +28,8 @@ from typing import Any
 from .. import core
 from ..adapter import Adapter
 from ..errors import LoraError
-from ..io.safetensors_io import SafetensorsFile, write_safetensors
-from ._common import (PROVENANCE_KEY, fold_scale, module_from, provenance_metadata, read_tensors,
+from ..io.safetensors_io import write_safetensors
+from ._common import (PROVENANCE_KEY, peek_safetensors, fold_scale, module_from, provenance_metadata, read_tensors,
                       stored_provenance)
 
 NAME = "diffsynth"
@@ -40,13 +40,10 @@ _CONFIG_KEYS = ("lora_adapter_metadata", "portable_lora")
 
 
 def detect(path: Path) -> str | None:
-    if not path.is_file():
+    peeked = peek_safetensors(path)
+    if peeked is None:
         return None
-    try:
-        with SafetensorsFile(path) as f:
-            keys, metadata = f.keys(), f.metadata
-    except LoraError:
-        return None
+    keys, metadata = peeked
     hits = [k for k in keys if k.endswith((".lora_A.default.weight", ".lora_B.default.weight"))]
     if not hits or any(k in metadata for k in _CONFIG_KEYS):
         return None

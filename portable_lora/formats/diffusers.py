@@ -37,8 +37,8 @@ import numpy as np
 from .. import core
 from ..adapter import Adapter
 from ..errors import LoraError
-from ..io.safetensors_io import SafetensorsFile, write_safetensors
-from ._common import (PROVENANCE_KEY, fold_scale, module_from, pattern_key, provenance_metadata,
+from ..io.safetensors_io import write_safetensors
+from ._common import (PROVENANCE_KEY, peek_safetensors, fold_scale, module_from, pattern_key, provenance_metadata,
                       read_tensors, require, stored_provenance)
 
 NAME = "diffusers"
@@ -61,13 +61,10 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def detect(path: Path) -> str | None:
-    if not path.is_file():
+    peeked = peek_safetensors(path)
+    if peeked is None:
         return None
-    try:
-        with SafetensorsFile(path) as f:
-            keys, metadata = f.keys(), f.metadata
-    except LoraError:
-        return None
+    keys, metadata = peeked
     lora_keys = [k for k in keys if k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if not lora_keys:
         return None

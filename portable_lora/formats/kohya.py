@@ -40,8 +40,8 @@ import numpy as np
 from .. import core
 from ..adapter import Adapter
 from ..errors import LoraError
-from ..io.safetensors_io import SafetensorsFile, write_safetensors
-from ._common import (PROVENANCE_KEY, convention_provenance, module_from, provenance_metadata,
+from ..io.safetensors_io import write_safetensors
+from ._common import (PROVENANCE_KEY, peek_safetensors, convention_provenance, module_from, provenance_metadata,
                       read_tensors, stored_provenance)
 from .kohya_names import KOHYA_PREFIXES, kohya_name, resolve_names
 
@@ -76,13 +76,10 @@ def not_lora_reason(keys: Iterable[str]) -> tuple[str, str] | None:
 
 
 def detect(path: Path) -> str | None:
-    if not path.is_file():
+    peeked = peek_safetensors(path)
+    if peeked is None:
         return None
-    try:
-        with SafetensorsFile(path) as f:
-            keys = f.keys()
-    except LoraError:
-        return None
+    keys = peeked[0]
     found = not_lora_reason(keys)
     if found:
         return f"LyCORIS {found[0]} keys such as {found[1]!r} (not LoRA; see portable_lora.formats.lycoris)"

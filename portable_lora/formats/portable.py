@@ -17,7 +17,7 @@ from typing import Any
 from ..adapter import Adapter
 from ..errors import LoraError
 from ..io.safetensors_io import SafetensorsFile, write_safetensors
-from ._common import module_from, require
+from ._common import module_from, peek_safetensors, require
 
 NAME = "portable"
 LAYOUT = "file"  # one .safetensors
@@ -27,14 +27,9 @@ _SUFFIXES = {"lora_A": "A", "lora_B": "B", "magnitude": "magnitude"}
 
 
 def detect(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    try:
-        with SafetensorsFile(path) as f:
-            if METADATA_KEY in f.metadata:
-                return f"the safetensors header metadata has a {METADATA_KEY!r} entry"
-    except LoraError:
-        return None
+    peeked = peek_safetensors(path)
+    if peeked is not None and METADATA_KEY in peeked[1]:
+        return f"the safetensors header metadata has a {METADATA_KEY!r} entry"
     return None
 
 
