@@ -105,6 +105,9 @@ class LoraModule:
             if self.kind == "embedding":
                 raise LoraError(f"{where}DoRA on embeddings is not supported (PEFT and mlx-lm "
                                 "disagree on the magnitude's axis)", key=name)
+            if self.magnitude.dtype.kind != "f" and self.magnitude.dtype.name != "bfloat16":
+                raise LoraError(f"{where}DoRA magnitude must be floating point, found "
+                                f"{self.magnitude.dtype}", key=name)
             if self.magnitude.shape != (self.out_features,):
                 raise LoraError(f"{where}DoRA magnitude must have shape [{self.out_features}], "
                                 f"found {list(self.magnitude.shape)}", key=name)

@@ -91,17 +91,23 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy().copy()
 
 
+# the core's namespace for torch tensors, resolved once: hot paths pass it as ``xp=`` instead of
+# looking it up on every call (a few µs each, and a call dynamo cannot trace on nn.Parameter)
+_XP = _namespace.array_namespace(torch.empty(0))
+
+
 # -- torch.compile support ---------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
 def _enable_compile() -> None:
-    """Let dynamo trace the core without graph breaks (called once, by the first wrap).
+    """Let dynamo trace the core's DoRA path without graph breaks (called once, by the first wrap).
 
-    The core finds its namespace on every call (``array_namespace``), which dynamo cannot trace
-    for ``nn.Parameter`` arguments (``type(p).__module__``) and traces only with warnings
-    through array_api_compat's caches. Inside a compiled graph every array is a torch tensor,
-    so the lookup's answer is a constant: ``substitute_in_graph`` gives dynamo that constant
-    while eager calls keep the real lookup.
+    The LoRA hot paths get the namespace as ``xp=_XP`` and never look it up. DoRA's
+    ``dora_factor`` (and the norm and ΔW under it) still finds its namespace on every call
+    (``array_namespace``), which dynamo cannot trace for ``nn.Parameter`` arguments
+    (``type(p).__module__``). Inside a compiled graph every array is a torch tensor, so the
+    lookup's answer is a constant: ``substitute_in_graph`` gives dynamo that constant while
+    eager calls keep the real lookup.
     """
     substitute = getattr(getattr(torch, "compiler", None), "substitute_in_graph", None)
     if substitute is None:  # torch < 2.5: compiling still works, with graph breaks
@@ -222,13 +228,12 @@ class LoraLinear(LoraLayer):
         return F.linear(x, self.base.weight)
 
     def forward(self, x):
-        if self.lora_magnitude is not None:
-            if self.same_dtype:
-                return core.dora_forward(x, self.weight_oi(), self.lora_A, self.lora_B, self.scale,
-                                         self.lora_magnitude, self.base.bias)
-            return self._dora(x)
         if self.same_dtype:
-            return core.add_lora_output(self.base(x), x, self.lora_A, self.lora_B, self.scale)
+            magnitude = self.lora_magnitude
+            if magnitude is None:
+                return core.add_lora_output(self.base(x), x, self.lora_A, self.lora_B, self.scale, xp=_XP)
+            return core.dora_forward(x, self.weight_oi(), self.lora_A, self.lora_B, self.scale,
+                                     magnitude, self.base.bias, xp=_XP)
         return super().forward(x)
 
 
@@ -283,7 +288,7 @@ class LoraEmbedding(LoraLayer):
         A = self.lora_A
         if self.trainable_columns is not None and A.requires_grad and torch.is_grad_enabled():
             A = torch.where(self.trainable_columns, A, A.detach())
-        out = core.embedding_lora_output(ids, A, self.lora_B, self.scale)
+        out = core.embedding_lora_output(ids, A, self.lora_B, self.scale, xp=_XP)
         embed_scale = getattr(self.base, "embed_scale", None)
         return out if embed_scale is None else out * embed_scale.to(out.dtype)
 
@@ -478,9 +483,11 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Mo
             norm = None
             if magnitude is not None:
                 norm = core.dora_weight_norm(weight, A, B, scale, module.kind, transposed=transposed)
+            # in place (one pass over the weight) where the core has a fused in-place path
             merged = core.merge_into(weight, A, B, scale, module.kind, magnitude=magnitude,
-                                     transposed=transposed)
-            weight.copy_(merged)
+                                     transposed=transposed, inplace=True)
+            if merged is not weight:
+                weight.copy_(merged)
             layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(scale, norm, module.rank))
     return model
 
@@ -505,8 +512,9 @@ def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
             record = layer.__dict__[_MERGES_ATTR].pop()
             weight, (A, B), magnitude, transposed = _merge_inputs(name, layer, module)
             original = core.unmerge_from(weight, A, B, record.scale, module.kind, magnitude=magnitude,
-                                         weight_norm=record.weight_norm, transposed=transposed)
-            weight.copy_(original)
+                                         weight_norm=record.weight_norm, transposed=transposed, inplace=True)
+            if original is not weight:
+                weight.copy_(original)
             if not layer.__dict__[_MERGES_ATTR]:
                 del layer.__dict__[_MERGES_ATTR]
     return model

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .capabilities import add_matmul, stop_gradient
+from .capabilities import add_matmul, add_matmul_, stop_gradient
 from .namespace import array_namespace
 
 __all__ = ["KINDS", "accumulation_dtype", "delta_weight", "lora_output", "add_lora_output",
@@ -72,16 +72,12 @@ def add_lora_output(base_out: Any, x: Any, A: Any, B: Any, scale: float, *, fuse
                     xp: Any = None) -> Any:
     """``base_out + scale · (x @ Aᵀ) @ Bᵀ``; uses a fused add-matmul where the framework has one.
 
-    ``xp``: the namespace, when the caller resolved it once already (hot paths).
+    The plain path scales the rank-sized intermediate, as :func:`lora_output` does; the fused
+    path (``torch.addmm``, ``mx.addmm``) passes the scale as the product's ``alpha``, one
+    kernel less. ``xp``: the namespace, when the caller resolved it once already (hot paths).
     """
     xp = array_namespace(base_out, x) if xp is None else xp
-    hidden = (x @ A.T) * float(scale)
-    if not fused or hidden.ndim == 2:
-        return add_matmul(xp, base_out, hidden, B.T, fused=fused)
-    lead = tuple(hidden.shape[:-1])
-    flat = add_matmul(xp, xp.reshape(base_out, (-1, base_out.shape[-1])),
-                      xp.reshape(hidden, (-1, hidden.shape[-1])), B.T, fused=fused)
-    return xp.reshape(flat, (*lead, flat.shape[-1]))
+    return add_matmul(xp, base_out, x @ A.T, B.T, scale=float(scale), fused=fused)
 
 
 def linear_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *,
@@ -144,14 +140,37 @@ def _reshape_factor(xp: Any, factor: Any, ndim: int) -> Any:
     return xp.reshape(factor, (factor.shape[0],) + (1,) * (ndim - 1))
 
 
+def _merge_in_place(xp: Any, W: Any, A: Any, B: Any, scale: float, kind: str, transposed: bool) -> Any:
+    """``W += scale · ΔW`` through the in-place fused capability, or ``None`` where there is none.
+
+    Only for linear and embedding LoRA with factors in W's dtype: the framework's fused call
+    accumulates the rank-r product in float32 and rounds the sum once, as the plain path does.
+    """
+    if kind not in ("linear", "embedding") or W.ndim != 2:
+        return None
+    # ΔW is s·B@A for a linear weight (out, in); its transpose s·Aᵀ@Bᵀ for a table (num, dim)
+    # or a transposed weight (in, out), and a transposed table is a plain (dim, num) product
+    if (kind == "embedding") != bool(transposed):
+        return add_matmul_(xp, W, A.T, B.T, scale=float(scale))
+    return add_matmul_(xp, W, B, A, scale=float(scale))
+
+
 def merge_into(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
-               magnitude: Any = None, transposed: bool = False) -> Any:
+               magnitude: Any = None, transposed: bool = False, inplace: bool = False) -> Any:
     """The merged weight ``W + ΔW`` (or DoRA's ``m · (W + ΔW)/‖W + ΔW‖``), as a new array.
 
     Accumulates in float32 (float64 for float64 weights) and rounds once to ``W.dtype``.
-    ``transposed`` means W is stored (in, out).
+    ``transposed`` means W is stored (in, out). ``inplace=True`` lets a framework with an
+    in-place fused add-matmul (torch's ``addmm_``) write a plain LoRA merge into ``W`` itself,
+    one pass over the weight, and return ``W``; elsewhere a new array comes back as usual, so
+    a caller writes ``merged = merge_into(W, ..., inplace=True)`` and copies only when
+    ``merged is not W``.
     """
     xp = array_namespace(W, A, B)
+    if inplace and magnitude is None:
+        done = _merge_in_place(xp, W, A, B, scale, kind, transposed)
+        if done is not None:
+            return done
     acc = accumulation_dtype(xp, W.dtype)
     w = _as(xp, W, acc)
     delta = delta_weight(A, B, scale, kind, dtype=acc)
@@ -165,13 +184,18 @@ def merge_into(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
 
 
 def unmerge_from(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
-                 magnitude: Any = None, weight_norm: Any = None, transposed: bool = False) -> Any:
-    """The inverse of :func:`merge_into`.
+                 magnitude: Any = None, weight_norm: Any = None, transposed: bool = False,
+                 inplace: bool = False) -> Any:
+    """The inverse of :func:`merge_into` (``inplace`` as there).
 
     DoRA cannot be undone from the merged weight alone: pass ``weight_norm``, the
     :func:`dora_weight_norm` taken before merging.
     """
     xp = array_namespace(W, A, B)
+    if inplace and magnitude is None:
+        done = _merge_in_place(xp, W, A, B, -float(scale), kind, transposed)
+        if done is not None:
+            return done
     acc = accumulation_dtype(xp, W.dtype)
     w = _as(xp, W, acc)
     delta = delta_weight(A, B, scale, kind, dtype=acc)

@@ -51,7 +51,10 @@ def check_alpha(alpha: object, *, module: str | None = None) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise LoraError(f"{_where(module)}alpha must be a finite real number, found {alpha!r} "
                         f"({type(alpha).__name__})", key=module)
-    value = float(alpha)
+    try:
+        value = float(alpha)
+    except OverflowError:
+        raise LoraError(f"{_where(module)}alpha {str(alpha)[:20]}... is too large", key=module) from None
     if not math.isfinite(value):
         raise LoraError(f"{_where(module)}alpha must be finite, found {value}", key=module)
     return value
@@ -94,7 +97,10 @@ def check_strength(strength: object) -> float:
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
         raise LoraError(f"strength must be a finite real number, found {strength!r} "
                         f"({type(strength).__name__})", key="strength")
-    value = float(strength)
+    try:
+        value = float(strength)
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value):
         raise LoraError(f"strength must be finite, found {value}", key="strength")
     return value

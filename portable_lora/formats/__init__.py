@@ -69,7 +69,8 @@ def _describe_contents(path: Path) -> str:
             meta = sorted(f.metadata)
         return f"a safetensors file with keys {keys[:8]}{' ...' if len(keys) > 8 else ''} and metadata {meta}"
     except LoraError as exc:
-        return f"a file that is not valid safetensors ({exc.detail})"
+        where = f" [{exc.key}]" if exc.key else ""
+        return f"a file that is not valid safetensors ({exc.detail}){where}"
 
 
 def detect(path: str | os.PathLike) -> tuple[str, str]:

@@ -23,7 +23,7 @@ __all__ = ["refuse_pickle", "read_json", "read_tensors", "require", "UnderflowWa
            "fold_scale", "to_uniform", "PICKLE_SUFFIXES", "safetensors_files",
            "pair_keys", "convention_provenance", "module_from", "check_replaceable",
            "PROVENANCE_KEY", "pattern_key", "stored_provenance", "provenance_metadata",
-           "peek_safetensors"]
+           "peek_safetensors", "parse_json"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -48,20 +48,14 @@ def safetensors_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix == ".safetensors") if path.is_dir() else [path]
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``: an error naming the file for bad JSON or a non-object."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise LoraError(f"cannot read: {exc.strerror}", file=path) from None
-    except UnicodeDecodeError:
-        raise LoraError("not UTF-8 text", file=path) from None
-
+def parse_json(text: str, *, file: Any = None, key: str | None = None) -> dict[str, Any]:
+    """A JSON object from ``text``, strictly: a repeated key, bad JSON, nesting too deep for
+    the parser, or a non-object is a :class:`LoraError` naming ``file`` and ``key``."""
     def no_duplicates(pairs):
         out = {}
         for k, v in pairs:
             if k in out:
-                raise LoraError(f"the key {k!r} appears more than once", file=path, key=k)
+                raise LoraError(f"the key {k!r} appears more than once", file=file, key=key or k)
             out[k] = v
         return out
 
@@ -69,11 +63,24 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(text, object_pairs_hook=no_duplicates)
     except LoraError:
         raise
+    except RecursionError:
+        raise LoraError("the JSON is nested too deeply to read", file=file, key=key) from None
     except ValueError as exc:
-        raise LoraError(f"not valid JSON: {exc}", file=path) from None
+        raise LoraError(f"not valid JSON: {exc}", file=file, key=key) from None
     if not isinstance(data, dict):
-        raise LoraError(f"expected a JSON object, found {type(data).__name__}", file=path)
+        raise LoraError(f"expected a JSON object, found {type(data).__name__}", file=file, key=key)
     return data
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from the file ``path`` (see :func:`parse_json`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LoraError(f"cannot read: {exc.strerror}", file=path) from None
+    except UnicodeDecodeError:
+        raise LoraError("not UTF-8 text", file=path) from None
+    return parse_json(text, file=path)
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
@@ -81,11 +88,15 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a b
 
 
 def require(config: Mapping[str, Any], key: str, types: type | tuple[type, ...], *, file: Path,
-            default: Any = ..., allow_none: bool = False) -> Any:
-    """``config[key]`` checked against ``types`` (bools are never numbers), or ``default``."""
+            default: Any = ..., allow_none: bool = False, context: str | None = None) -> Any:
+    """``config[key]`` checked against ``types`` (bools are never numbers), or ``default``.
+
+    Errors name the field as ``context.key`` when ``context`` is given (e.g. the module).
+    """
+    field = f"{context}.{key}" if context else key
     if key not in config:
         if default is ...:
-            raise LoraError(f"the required field {key!r} is missing", file=file, key=key)
+            raise LoraError(f"the required field {key!r} is missing", file=file, key=field)
         return default
     value = config[key]
     if value is None and allow_none:
@@ -93,10 +104,14 @@ def require(config: Mapping[str, Any], key: str, types: type | tuple[type, ...],
     types_t = types if isinstance(types, tuple) else (types,)
     ok = isinstance(value, types_t) and not (isinstance(value, bool) and bool not in types_t)
     if float in types_t and isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            raise LoraError(f"the number {str(value)[:20]}... is too large", file=file, key=field) from None
         ok = True
     if not ok:
         wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types_t)
-        raise LoraError(f"expected {wanted}, found {value!r} ({type(value).__name__})", file=file, key=key)
+        raise LoraError(f"expected {wanted}, found {value!r} ({type(value).__name__})", file=file, key=field)
     return value
 
 
@@ -190,11 +205,8 @@ def stored_provenance(metadata: Mapping[str, str], path: Path) -> dict[str, Any]
     raw = metadata.get(PROVENANCE_KEY)
     if raw is None:
         return {}
-    try:
-        stored = json.loads(raw)
-    except ValueError as exc:
-        raise LoraError(f"not valid JSON: {exc}", file=path, key=PROVENANCE_KEY) from None
-    if not isinstance(stored, dict) or not isinstance(stored.get("provenance", {}), dict):
+    stored = parse_json(raw, file=path, key=PROVENANCE_KEY)
+    if not isinstance(stored.get("provenance", {}), dict):
         raise LoraError("expected a JSON object with a 'provenance' object", file=path, key=PROVENANCE_KEY)
     return stored
 

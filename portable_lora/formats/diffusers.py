@@ -38,7 +38,7 @@ from .. import core
 from ..adapter import Adapter
 from ..errors import LoraError
 from ..io.safetensors_io import write_safetensors
-from ._common import (PROVENANCE_KEY, peek_safetensors, fold_scale, module_from, pattern_key, provenance_metadata,
+from ._common import (PROVENANCE_KEY, parse_json, peek_safetensors, fold_scale, module_from, pattern_key, provenance_metadata,
                       read_tensors, require, stored_provenance)
 
 NAME = "diffusers"
@@ -82,12 +82,7 @@ def _component(name: str) -> tuple[str | None, str]:
 
 
 def _configs(raw: str, path: Path) -> dict[str | None, dict[str, Any]]:
-    try:
-        flat = json.loads(raw)
-    except ValueError as exc:
-        raise LoraError(f"not valid JSON: {exc}", file=path, key=METADATA_KEY) from None
-    if not isinstance(flat, dict):
-        raise LoraError(f"expected a JSON object, found {type(flat).__name__}", file=path, key=METADATA_KEY)
+    flat = parse_json(raw, file=path, key=METADATA_KEY)
     configs: dict[str | None, dict[str, Any]] = {}
     for key, value in flat.items():
         head, _, field = key.partition(".")

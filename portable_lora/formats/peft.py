@@ -49,7 +49,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import LoraError
 from ..io.atomic import atomic_directory
 from ..io.safetensors_io import write_safetensors
-from ._common import (PROVENANCE_KEY, check_replaceable, convention_provenance, module_from, pattern_key,
+from ._common import (PROVENANCE_KEY, check_replaceable, parse_json, convention_provenance, module_from, pattern_key,
                       read_json, read_tensors, require)
 
 __all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "detect", "load", "save", "pattern_key"]
@@ -294,10 +294,7 @@ def load(path: Path, *, convention: str | None = None, extra_tensors: str = "err
     notes: list[str] = []
     carried: dict[str, Any] = {}
     if METADATA_KEY in metadata and convention is None:
-        try:
-            entry = json.loads(metadata[METADATA_KEY])
-        except ValueError:
-            entry = None
+        entry = parse_json(metadata[METADATA_KEY], file=weights_path, key=METADATA_KEY)
         carried = _restore_entry(modules, entry, notes)
 
     provenance: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from typing import Any
 from ..adapter import Adapter
 from ..errors import LoraError
 from ..io.safetensors_io import SafetensorsFile, write_safetensors
-from ._common import module_from, peek_safetensors, require
+from ._common import module_from, parse_json, peek_safetensors, require
 
 NAME = "portable"
 LAYOUT = "file"  # one .safetensors
@@ -56,7 +56,10 @@ def save(adapter: Adapter, path: Path, **options: Any) -> None:
         tensors[f"{name}.lora_B"] = m.B
         if m.magnitude is not None:
             tensors[f"{name}.magnitude"] = m.magnitude
-    config = json.dumps(_config(adapter), sort_keys=False, allow_nan=False, default=str)
+    try:
+        config = json.dumps(_config(adapter), sort_keys=False, allow_nan=False, default=str)
+    except ValueError as exc:  # NaN or infinity somewhere in the provenance
+        raise LoraError(f"the config cannot be written as JSON: {exc}", file=path, key="provenance") from None
     write_safetensors(path, tensors, {METADATA_KEY: config})
 
 
@@ -69,12 +72,7 @@ def load(path: Path, *, convention: str | None = None, **options: Any) -> Adapte
     with SafetensorsFile(path) as f:
         if METADATA_KEY not in f.metadata:
             raise LoraError(f"no {METADATA_KEY!r} metadata entry: not a portable-lora file", file=path)
-        try:
-            config = json.loads(f.metadata[METADATA_KEY])
-        except ValueError as exc:
-            raise LoraError(f"the config is not valid JSON: {exc}", file=path, key=METADATA_KEY) from None
-        if not isinstance(config, dict):
-            raise LoraError("the config must be a JSON object", file=path, key=METADATA_KEY)
+        config = parse_json(f.metadata[METADATA_KEY], file=path, key=METADATA_KEY)
         version = require(config, "format_version", int, file=path)
         if version != FORMAT_VERSION:
             raise LoraError(f"format_version {version} is not supported; this library reads "
@@ -101,18 +99,18 @@ def load(path: Path, *, convention: str | None = None, **options: Any) -> Adapte
                     raise LoraError(f"the config lists this module but the file has no "
                                     f"{name}.lora_{needed}", file=path, key=name)
             module = module_from(parts["A"], parts["B"],
-                                 alpha=require(spec, "alpha", float, file=path),
-                                 rule=require(spec, "rule", str, file=path),
-                                 kind=require(spec, "kind", str, file=path, default="linear"),
+                                 alpha=require(spec, "alpha", float, file=path, context=name),
+                                 rule=require(spec, "rule", str, file=path, context=name),
+                                 kind=require(spec, "kind", str, file=path, context=name, default="linear"),
                                  magnitude=parts.get("magnitude"), name=name, file=path)
-            rank = require(spec, "rank", int, file=path)
+            rank = require(spec, "rank", int, file=path, context=name)
             if rank != module.rank:
                 raise LoraError(f"the config says rank {rank} but lora_A has rank {module.rank}",
                                 file=path, key=f"{name}.lora_A")
-            if require(spec, "dora", bool, file=path, default=False) != module.is_dora:
+            if require(spec, "dora", bool, file=path, context=name, default=False) != module.is_dora:
                 raise LoraError("the config's dora flag disagrees with the presence of a magnitude",
                                 file=path, key=name)
-            stored = require(spec, "scale", float, file=path, default=None, allow_none=True)
+            stored = require(spec, "scale", float, file=path, context=name, default=None, allow_none=True)
             if stored is not None and not math.isclose(stored, module.scale, rel_tol=1e-12):
                 raise LoraError(f"the config's scale {stored} disagrees with {module.rule} of "
                                 f"alpha {module.alpha} and rank {module.rank} ({module.scale})",

@@ -10,10 +10,16 @@ file and the tensor:
   other than the string-to-string metadata map;
 * every entry has a known dtype, a shape of non-negative integers, and data offsets whose
   length matches dtype × shape;
-* the data regions tile the data section exactly: no overlap, no gap, nothing after.
+* the data regions tile the data section exactly: no overlap, no gap, nothing after;
+* the file does not change size between validation and mapping.
 
 Tensors are read through a memory map; :meth:`SafetensorsFile.get` copies (the default) or
 returns a read-only view for streaming.
+
+The writer refuses, before writing a byte, what it could not write faithfully (names or
+metadata that are not strings or not encodable as UTF-8, a tensor named ``__metadata__``, a
+dtype safetensors cannot name, a header over the cap) and writes atomically
+(:mod:`portable_lora.io.atomic`). docs/SECURITY.md lists what the tests show.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -200,6 +206,23 @@ class SafetensorsFile:
         view = np.frombuffer(self._map, dtype=info.dtype, count=count,
                              offset=self.data_start + info.begin).reshape(info.shape)
         return view.copy() if copy else view
+
+    def release(self, name: str) -> None:
+        """Drop the memory-mapped pages of ``name`` from this process (they stay in the OS page
+        cache), so a pass over a large file keeps resident memory near one tensor. Views already
+        taken stay valid: the pages are read again if touched."""
+        info = self.tensors.get(name)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if info is None or self._map is None or advice is None or not hasattr(self._map, "madvise"):
+            return
+        start = self.data_start + info.begin
+        end = self.data_start + info.end
+        aligned = start - start % mmap.PAGESIZE
+        if end > aligned:
+            try:
+                self._map.madvise(advice, aligned, end - aligned)
+            except (OSError, ValueError):
+                pass
 
     def close(self) -> None:
         # a memory-mapped view still alive keeps the map open; it is released with the view

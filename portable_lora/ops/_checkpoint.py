@@ -9,7 +9,6 @@ checkpoint never holds more than the tensor in hand.
 
 from __future__ import annotations
 
-import mmap
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -152,24 +151,11 @@ class Checkpoint:
         return [k[: -len(".weight")] for k in self.keys() if k.endswith(".weight")]
 
     def release(self, name: str) -> None:
-        """Drop the memory-mapped pages of ``name`` from this process (they stay in the page
-        cache), so a pass over a large checkpoint keeps its resident memory near one tensor."""
+        """Drop the memory-mapped pages of ``name`` (see :meth:`SafetensorsFile.release`)."""
         shard = self._shard_of.get(name)
         f = self._open.get(shard) if shard else None
-        # why the private attribute: SafetensorsFile has no public page-release call yet
-        mapping = getattr(f, "_map", None)
-        advice = getattr(mmap, "MADV_DONTNEED", None)
-        if mapping is None or advice is None or not hasattr(mapping, "madvise"):
-            return
-        info = self._infos[name]
-        start = f.data_start + info.begin
-        end = f.data_start + info.end
-        aligned = start - start % mmap.PAGESIZE
-        if end > aligned:
-            try:
-                mapping.madvise(advice, aligned, end - aligned)
-            except (OSError, ValueError):
-                pass
+        if f is not None:
+            f.release(name)
 
     def close_shard(self, shard: str) -> None:
         f = self._open.pop(shard, None)
