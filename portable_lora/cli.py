@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules-from", metavar="CHECKPOINT",
                    help="a base checkpoint whose <module>.weight keys give the module names "
                    "(kohya names need them to restore dots)")
+    p.add_argument("--strip-prefix", metavar="PREFIX",
+                   help="remove PREFIX from every module name (each name must start with it)")
+    p.add_argument("--add-prefix", metavar="PREFIX",
+                   help="put PREFIX before every module name (after --strip-prefix), e.g. "
+                   "'language_model.' for mlx-vlm or 'text_encoder.' for kohya/diffusers")
     p.add_argument("--verify", action="store_true", help="read DST back and compare ΔW with SRC (exit 1 if it differs)")
     p.add_argument("--load-option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="an option for the source format's loader; repeatable")
@@ -243,7 +248,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     report = ops.convert(args.src, args.dst, to=args.to, from_format=args.format, convention=args.convention,
                          modules_from=args.modules_from, force=args.force, check=args.verify,
-                         load_options=dict(args.load_option), save_options=dict(args.save_option))
+                         load_options=dict(args.load_option), save_options=dict(args.save_option),
+                         strip_prefix=args.strip_prefix, add_prefix=args.add_prefix)
     _emit(args, report)
     return EXIT_OK if report.ok else EXIT_DIFFERS
 

@@ -150,6 +150,28 @@ def test_convert_refuses_overwrite_then_forces(capsys, files):
     assert code == 0
 
 
+def test_convert_with_prefixes(capsys, files):
+    """An LLM adapter becomes a kohya text-encoder adapter and an mlx-vlm adapter by renaming."""
+    kohya = files["dir"] / "te.safetensors"
+    code, j = run_json(capsys, "convert", files["adapter"], kohya, "--to", "kohya", "--add-prefix", "text_encoder.",
+                       "--verify")
+    assert code == 0 and j["verified"]["ok"]
+    back = pl.load(kohya, modules=["text_encoder." + n for n in files["obj"]])
+    assert sorted(back) == sorted("text_encoder." + n for n in files["obj"])
+    vlm = files["dir"] / "vlm"
+    code, _, _ = run(capsys, "convert", files["adapter"], vlm, "--to", "mlx-vlm", "--add-prefix", "language_model.")
+    assert code == 0
+    again = files["dir"] / "again.safetensors"
+    code, _, _ = run(capsys, "convert", vlm, again, "--to", "portable", "--strip-prefix", "language_model.")
+    assert code == 0
+    for name, m in files["obj"].items():
+        np.testing.assert_allclose(pl.load(again).delta_weight(name), m.delta_weight(), rtol=1e-6, atol=1e-7)  # mlx-vlm: one scale, folded
+    code, out, err = run(capsys, "convert", files["adapter"], files["dir"] / "x", "--to", "peft", "--strip-prefix", "nope.")
+    assert code == 2
+    assert_one_line_error(err, "does not start with the prefix 'nope.'")
+    assert not (files["dir"] / "x").exists()
+
+
 def test_convert_option_errors_are_exit_2(capsys, files):
     code, _, err = run(capsys, "convert", files["adapter"], files["dir"] / "o.safetensors", "--to", "portable",
                        "--save-option", "bogus=1")

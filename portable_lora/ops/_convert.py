@@ -8,11 +8,20 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .. import formats
+from ..errors import LoraError
 from ._checkpoint import Checkpoint
 from ._util import check_output, collect_warnings, human_bytes, load_adapter, path_bytes, source_name
 from ._verify import VerifyReport, verify
 
 __all__ = ["convert", "ConvertReport"]
+
+
+def _strip(name: str, prefix: str | None) -> str:
+    if not prefix:
+        return name
+    if not name.startswith(prefix) or len(name) == len(prefix):
+        raise LoraError(f"module {name!r} does not start with the prefix {prefix!r} to strip", key=name)
+    return name[len(prefix):]
 
 
 @dataclass
@@ -60,12 +69,15 @@ class ConvertReport:
 def convert(src: Any, dst: str | os.PathLike, *, to: str, from_format: str | None = None,
             convention: str | None = None, modules_from: str | os.PathLike | None = None,
             force: bool = False, check: bool = False, load_options: Mapping[str, Any] | None = None,
-            save_options: Mapping[str, Any] | None = None) -> ConvertReport:
+            save_options: Mapping[str, Any] | None = None, strip_prefix: str | None = None,
+            add_prefix: str | None = None) -> ConvertReport:
     """Convert ``src`` (a path in any format, or an Adapter) to format ``to`` at ``dst``.
 
     ``modules_from``: a checkpoint whose ``<module>.weight`` keys list the model's modules,
     passed to the loader as ``modules=[...]`` (kohya names need it). ``check`` reads ``dst``
-    back and compares ΔW with the source (:func:`verify`).
+    back and compares ΔW with the source (:func:`verify`). ``strip_prefix`` / ``add_prefix``
+    rename every module (mlx-vlm wants ``language_model.``, kohya and diffusers a component such
+    as ``unet.`` or ``text_encoder.``); a name without the prefix to strip is an error.
 
     >>> convert("adapter_peft", "adapter_mlx", to="mlx-lm", check=True).ok  # doctest: +SKIP
     True
@@ -79,6 +91,8 @@ def convert(src: Any, dst: str | os.PathLike, *, to: str, from_format: str | Non
             with Checkpoint(modules_from) as ckpt:
                 opts["modules"] = ckpt.module_names()
         adapter = load_adapter(src, format=from_format, convention=convention, options=opts)
+        if strip_prefix or add_prefix:
+            adapter = adapter.rename(lambda name: (add_prefix or "") + _strip(name, strip_prefix))
         formats.save(adapter, out, format=to, overwrite=force, **dict(save_options or {}))
         verified = None
         if check:
