@@ -293,17 +293,17 @@ def lora_dense(x: Any, kernel: Any, A: Any, B: Any, scale: float, bias: Any = No
     ``kernel`` is Flax's (in, out); A (r, in), B (out, r). ``scale`` must be a Python number
     (the module's ``scale`` times any strength).
     """
-    return core.linear_forward(x, kernel.T, A, B, scale, bias)
+    return core.linear_forward(x, kernel.T, A, B, scale, bias, xp=jnp)
 
 
 def dora_dense(x: Any, kernel: Any, A: Any, B: Any, scale: float, magnitude: Any, bias: Any = None) -> jax.Array:
     """A Flax Dense layer with DoRA (see :func:`portable_lora.core.dora_forward`)."""
-    return core.dora_forward(x, kernel.T, A, B, scale, magnitude, bias)
+    return core.dora_forward(x, kernel.T, A, B, scale, magnitude, bias, xp=jnp)
 
 
 def lora_embed(ids: Any, embedding: Any, A: Any, B: Any, scale: float) -> jax.Array:
     """An embedding lookup with LoRA; ``embedding`` (num, dim), A (r, num), B (dim, r)."""
-    return jnp.take(embedding, ids, axis=0) + core.embedding_lora_output(ids, A, B, scale)
+    return jnp.take(embedding, ids, axis=0) + core.embedding_lora_output(ids, A, B, scale, xp=jnp)
 
 
 # -- Flax NNX modules ----------------------------------------------------------------------
@@ -401,8 +401,8 @@ class LoraLinear(_LoraWrapper):
         bias = None if base.bias is None else base.bias[...]
         x, kernel, bias, A, B = base.promote_dtype((x, base.kernel[...], bias, A, B), dtype=base.dtype)
         if magnitude is None:
-            return core.linear_forward(x, kernel.T, A, B, self.scale, bias)
-        return core.dora_forward(x, kernel.T, A, B, self.scale, magnitude, bias)
+            return core.linear_forward(x, kernel.T, A, B, self.scale, bias, xp=jnp)
+        return core.dora_forward(x, kernel.T, A, B, self.scale, magnitude, bias, xp=jnp)
 
 
 class LoraEmbed(_LoraWrapper):
@@ -416,7 +416,7 @@ class LoraEmbed(_LoraWrapper):
             return out
         A, B, _ = self._lora_arrays()
         A, B = self.base.promote_dtype((A, B), dtype=out.dtype)
-        return out + core.embedding_lora_output(ids, A, B, self.scale)
+        return out + core.embedding_lora_output(ids, A, B, self.scale, xp=jnp)
 
     def attend(self, query: jax.Array) -> jax.Array:
         """``query @ (E + ΔW)ᵀ`` without materialising ΔW (tied output embeddings)."""

@@ -46,7 +46,10 @@ import numpy as np
 
 from .. import core
 from ..adapter import Adapter, LoraModule
+from ..core._mlx_compat import namespace as _mlx_namespace
 from ..errors import LoraError
+
+_XP = _mlx_namespace()  # resolved once: the hot path passes it to the core
 
 __all__ = ["apply", "merge", "unmerge", "remove", "extract", "set_strength", "LoraLinear",
            "LoraEmbedding", "RequantizationWarning", "to_mlx", "to_numpy"]
@@ -166,11 +169,11 @@ class LoraLinear(_LoraLayer):
     def __call__(self, x: mx.array) -> mx.array:
         if "magnitude" not in self:
             base_out = self.base(x)
-            out = core.add_lora_output(base_out, x, self.lora_A, self.lora_B, self.scale)
+            out = core.add_lora_output(base_out, x, self.lora_A, self.lora_B, self.scale, xp=_XP)
             return _as_dtype(out, base_out.dtype)
         weight = _dense_weight(self.base)
         out = core.dora_forward(x, weight, self.lora_A, self.lora_B, self.scale, self.magnitude,
-                                self.base.get("bias"))
+                                self.base.get("bias"), xp=_XP)
         return _as_dtype(out, mx.result_type(x, weight))
 
 
@@ -184,14 +187,14 @@ class LoraEmbedding(_LoraLayer):
 
     def __call__(self, ids: mx.array) -> mx.array:
         base_out = self.base(ids)
-        out = base_out + core.embedding_lora_output(ids, self.lora_A, self.lora_B, self.scale)
+        out = base_out + core.embedding_lora_output(ids, self.lora_A, self.lora_B, self.scale, xp=_XP)
         return _as_dtype(out, base_out.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         base_out = self.base.as_linear(x)
         # x @ (W + ΔW)ᵀ with ΔWᵀ = s·B@A (dim, num): a linear LoRA whose down projection is
         # Bᵀ (r, dim) and whose up projection is Aᵀ (num, r)
-        out = core.add_lora_output(base_out, x, self.lora_B.T, self.lora_A.T, self.scale)
+        out = core.add_lora_output(base_out, x, self.lora_B.T, self.lora_A.T, self.scale, xp=_XP)
         return _as_dtype(out, base_out.dtype)
 
 
