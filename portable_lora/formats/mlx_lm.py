@@ -114,16 +114,24 @@ def flavour(config: Mapping[str, Any], weights: Path) -> str | None:
     return "mlx-lm"
 
 
-def detect(path: Path) -> str | None:
-    found = find_files(path, (WEIGHTS_NAME,))
+def sniff(path: Path, weights_names: Iterable[str]) -> tuple[str | None, tuple[Path, Path]] | None:
+    """``(flavour, (config, weights))`` for an mlx adapter at ``path``; None when it is not one
+    (for ``detect``: never raises)."""
+    found = find_files(path, tuple(weights_names))
     if found is None or not found[0].is_file() or not found[1].is_file():
         return None
     try:
         config = read_json(found[0])
     except LoraError:
         return None
-    if flavour(config, found[1]) != NAME:
+    return flavour(config, found[1]), found
+
+
+def detect(path: Path) -> str | None:
+    sniffed = sniff(path, (WEIGHTS_NAME,))
+    if sniffed is None or sniffed[0] != NAME:
         return None
+    found = sniffed[1]
     return f"{CONFIG_NAME} with lora_parameters (rank, scale) and {found[1].name} (mlx-lm layout)"
 
 

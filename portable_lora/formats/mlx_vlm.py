@@ -33,7 +33,7 @@ from ..adapter import Adapter
 from ..errors import LoraError
 from ._common import convention_provenance, module_from, read_json, require
 from .mlx_lm import (CONFIG_NAME, VLM_TOP_LEVEL, find_files, flavour, load_layout, read_mlx_tensors,
-                     save_layout)
+                     save_layout, sniff)
 
 __all__ = ["NAME", "WEIGHTS_NAMES", "LEGACY_DEFAULT_ALPHA", "detect", "load", "save"]
 
@@ -52,14 +52,10 @@ def _files(path: Path) -> tuple[Path, Path] | None:
 
 
 def detect(path: Path) -> str | None:
-    found = _files(path)
-    if found is None or not found[0].is_file() or not found[1].is_file():
+    sniffed = sniff(path, WEIGHTS_NAMES)
+    if sniffed is None:
         return None
-    try:
-        config = read_json(found[0])
-    except LoraError:
-        return None
-    kind = flavour(config, found[1])
+    kind, found = sniffed
     if kind == "mlx-vlm-legacy":
         return f"{CONFIG_NAME} with top-level rank and alpha (legacy mlx-vlm LoRaLayer)"
     if kind == NAME:
