@@ -95,6 +95,24 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 # looking it up on every call (a few µs each, and a call dynamo cannot trace on nn.Parameter)
 _XP = _namespace.array_namespace(torch.empty(0))
 
+# the process-wide module hooks nn.Module.__call__ honours (dicts, mutated in place)
+_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, name, {}) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+    "_global_backward_pre_hooks"))
+
+
+def _runs_plain_linear(layer: nn.Module) -> bool:
+    """Whether ``layer(x)`` would run exactly ``F.linear(x, layer.weight, layer.bias)``.
+
+    A plain ``nn.Linear`` (not a subclass such as a quantized layer), with no hooks of its
+    own or global ones and no per-instance ``forward`` (accelerate's offload hooks replace
+    it): calling ``F.linear`` directly then skips ``nn.Module.__call__``, which costs more on
+    the host than the whole LoRA term at small T.
+    """
+    return (type(layer) is nn.Linear and "forward" not in layer.__dict__
+            and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                     or layer._backward_pre_hooks or any(_GLOBAL_HOOKS)))
+
 
 # -- torch.compile support ---------------------------------------------------------------------------
 
@@ -229,11 +247,20 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x):
         if self.same_dtype:
-            magnitude = self.lora_magnitude
+            # parameters and the base straight from nn.Module's dicts: each attribute that
+            # goes through nn.Module.__getattr__ costs about a µs on the host, as much as a
+            # kernel launch, and this path reads seven of them
+            params = self._parameters
+            A, B, magnitude = params["lora_A"], params["lora_B"], params["lora_magnitude"]
+            base = self._modules["base"]
             if magnitude is None:
-                return core.add_lora_output(self.base(x), x, self.lora_A, self.lora_B, self.scale, xp=_XP)
-            return core.dora_forward(x, self.weight_oi(), self.lora_A, self.lora_B, self.scale,
-                                     magnitude, self.base.bias, xp=_XP)
+                if _runs_plain_linear(base):
+                    weights = base._parameters
+                    base_out = F.linear(x, weights["weight"], weights["bias"])
+                else:
+                    base_out = base(x)
+                return core.add_lora_output(base_out, x, A, B, self.scale, xp=_XP)
+            return core.dora_forward(x, self.weight_oi(), A, B, self.scale, magnitude, base.bias, xp=_XP)
         return super().forward(x)
 
 
@@ -345,6 +372,29 @@ def _split(name: str) -> tuple[str, str]:
     return parent, child
 
 
+def _submodule(model: nn.Module, name: str, walked: dict[str, nn.Module]) -> nn.Module | None:
+    """``model.get_submodule(name)`` or ``None``, remembering every prefix on the way in ``walked``.
+
+    The adapters of a model share their prefixes ("model.layers.3.self_attn."), so a merge of
+    hundreds of modules walks each prefix once, through ``_modules`` (``get_submodule`` costs a
+    few µs per level); anything ``_modules`` does not hold goes to ``get_submodule``.
+    """
+    parent, _, child = name.rpartition(".")
+    holder = walked.get(parent)
+    if holder is None and parent:
+        holder = _submodule(model, parent, walked)
+    if holder is None:
+        return None
+    layer = holder._modules.get(child)
+    if layer is None:
+        try:
+            layer = holder.get_submodule(child) if child else holder
+        except AttributeError:
+            return None
+    walked[name] = layer
+    return layer
+
+
 def _resolve(model: nn.Module, adapter: Adapter, verb: str) -> dict[str, nn.Module]:
     """``{name: layer}`` for every adapter module, or one LoraError naming all that match nothing."""
     if not isinstance(model, nn.Module):
@@ -354,11 +404,13 @@ def _resolve(model: nn.Module, adapter: Adapter, verb: str) -> dict[str, nn.Modu
     if len(adapter) == 0:
         raise LoraError(f"{verb}(): the adapter has no modules")
     found, missing = {}, []
+    walked: dict[str, nn.Module] = {"": model}
     for name in adapter:
-        try:
-            found[name] = model.get_submodule(name)
-        except AttributeError:
+        layer = _submodule(model, name, walked)
+        if layer is None:
             missing.append(name)
+        else:
+            found[name] = layer
     if missing:
         known = [n for n, _ in model.named_modules() if n]
         hint = difflib.get_close_matches(missing[0], known, n=1)
@@ -366,7 +418,7 @@ def _resolve(model: nn.Module, adapter: Adapter, verb: str) -> dict[str, nn.Modu
         raise LoraError(f"{len(missing)} adapter module(s) match no layer of the model: "
                         f"{', '.join(repr(m) for m in missing)}{hint_text}", key=missing[0])
     for name, layer in found.items():
-        parent = model.get_submodule(_split(name)[0])
+        parent = walked[_split(name)[0]]
         if isinstance(layer, LoraLayer) or isinstance(parent, LoraLayer):
             raise LoraError(f"module {name!r} already has a LoRA applied; call remove(model) first",
                             key=name)
@@ -456,10 +508,17 @@ class _MergeRecord:
         self.scale, self.weight_norm, self.rank = scale, weight_norm, rank
 
 
+def _upload(array: Any, device: torch.device) -> torch.Tensor:
+    # non_blocking: a copy from pageable host memory is staged before the call returns (the
+    # host copy may go), but the host does not wait for the device's queue, so the next
+    # layer's Python overlaps this layer's GPU work instead of waiting for it
+    return to_torch(array).to(device, non_blocking=True)
+
+
 def _merge_inputs(name: str, layer: nn.Module, module: LoraModule):
     weight = layer.weight
-    factors = [to_torch(module.A, device=weight.device), to_torch(module.B, device=weight.device)]
-    magnitude = None if module.magnitude is None else to_torch(module.magnitude, device=weight.device)
+    factors = [_upload(module.A, weight.device), _upload(module.B, weight.device)]
+    magnitude = None if module.magnitude is None else _upload(module.magnitude, weight.device)
     return weight, factors, magnitude, _is_transformers_conv1d(layer)
 
 

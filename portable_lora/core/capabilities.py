@@ -6,9 +6,10 @@ Two things the standard cannot say:
 * ``add_matmul``: ``base + scale · (a @ b)`` as one fused call (``torch.addmm``, ``mx.addmm``,
   the scale as their ``alpha``), a speed path only: the plain array-API expression
   ``base + (a · scale) @ b`` is the fallback and gives the same result up to rounding;
-* ``add_matmul_``: the same, written into ``base`` in place (``Tensor.addmm_``): one pass over
-  ``base``, the merge fast path. The fallback is the out-of-place result, which the caller
-  copies.
+* ``add_matmul_``: the same, written into ``base`` in place: one pass over ``base``, the
+  merge fast path (torch: ``addmm_`` for float32/float64; for 16-bit weights the product in
+  float32 by row blocks, added with one rounding). The fallback is the out-of-place result,
+  which the caller copies.
 
 Each entry maps a namespace family (see :func:`namespace_family`) to a function. A family not
 in the table uses the fallback. Nothing here imports a framework at import time.
@@ -45,15 +46,82 @@ def _torch_add_matmul(base, a, b, scale):
         return base + (a * scale) @ b
     if a.ndim == 2:
         return base.addmm(a, b, alpha=scale)
-    # (..., n, k) @ (k, m): flatten the leading axes (views of contiguous activations)
+    if base.numel() < _FLATTEN_MIN_ELEMENTS:
+        # (..., n, k) @ (k, m), small: matmul folds the leading axes in C++ and add takes the
+        # scale; three Python-level reshapes around addmm cost more on the host than the
+        # extra elementwise kernel (measured: a 16-wide layer's core call 2x cheaper)
+        return base.add(a @ b, alpha=scale)
+    # large: addmm's fused epilogue saves a pass over the output (CPU, T=256 x 1024: 30 %)
     flat = base.reshape(-1, base.shape[-1]).addmm(a.reshape(-1, a.shape[-1]), b, alpha=scale)
     return flat.view(base.shape)
 
 
+_FLATTEN_MIN_ELEMENTS = 1 << 14
+
+
 def _torch_add_matmul_(base, a, b, scale):
-    if a.ndim != 2 or b.ndim != 2 or not (base.dtype == a.dtype == b.dtype):
+    if a.ndim != 2 or b.ndim != 2 or base.ndim != 2:
         return None
+    if base.element_size() < 4:
+        return _torch_add_matmul_widened_(base, a, b, scale)
+    if not (base.dtype == a.dtype == b.dtype):
+        return None
+    # float32 / float64: addmm_ computes in base's own precision, one rounding
     return base.addmm_(a, b, alpha=scale)
+
+
+# float32 working set per row block. CPU: small enough to stay in cache between the steps.
+# GPU: large (an 8B model's biggest projection in one block), because each block costs host
+# launches and a float32 product that fits in L2 saved less than the launches cost (H100:
+# 0.33 ms for a 14336x4096 bf16 weight in one block, 0.36 ms in 32 MB blocks)
+_WIDE_BLOCK_BYTES = 4 << 20
+_WIDE_BLOCK_BYTES_GPU = 256 << 20
+
+
+def _torch_add_matmul_widened_(base, a, b, scale):
+    # A 16-bit base must not go through a 16-bit addmm_: cuBLAS rounds the product to 16 bits
+    # before adding it (measured on an H100: 27 % of bf16 elements off, up to 128 ulp), and
+    # 16-bit CPU GEMMs run at 0.1 GB/s without AMX. So the sum is formed in float32, one row
+    # block at a time, and rounded once into base: the plain path's arithmetic, in place.
+    # GPU: the block's product in float32, then base.add_(product, alpha), which computes in
+    # float32 (two launches a block; ~0.25x copy bandwidth on an H100, where the 16-bit
+    # addmm_ reaches 0.65x, wrongly). CPU: widen the block into a reused buffer, addmm_ there,
+    # copy back (a mixed-dtype add_ measured 2x slower there).
+    if not base.is_cpu:
+        rows = max(1, _WIDE_BLOCK_BYTES_GPU // (4 * max(1, base.shape[1])))
+        for start in range(0, base.shape[0], rows):
+            stop = min(start + rows, base.shape[0])
+            base[start:stop].add_(_mm_float32(a[start:stop], b), alpha=scale)
+        return base
+    import torch
+
+    a, b = a.float(), b.float()
+    rows = max(1, _WIDE_BLOCK_BYTES // (4 * max(1, base.shape[1])))
+    buffer = base.new_empty((min(rows, base.shape[0]), base.shape[1]), dtype=torch.float32)
+    for start in range(0, base.shape[0], rows):
+        stop = min(start + rows, base.shape[0])
+        block, target = buffer[: stop - start], base[start:stop]
+        block.copy_(target)
+        block.addmm_(a[start:stop], b, alpha=scale)
+        target.copy_(block)
+    return base
+
+
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) works here (cleared on the first failure)
+
+
+def _mm_float32(a, b):
+    """``a @ b`` accumulated and returned in float32; 16-bit operands read as they are where
+    torch can (``out_dtype``, torch ≥ 2.8 on CUDA: exact products, float32 sums, as widening
+    first, without the widened copies)."""
+    import torch
+
+    if _MM_OUT_DTYPE[0] and a.dtype == b.dtype and a.element_size() == 2:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
+    return torch.mm(a.float(), b.float())
 
 
 def _mlx_add_matmul(base, a, b, scale):

@@ -175,12 +175,12 @@ def merge_into(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
     w = _as(xp, W, acc)
     delta = delta_weight(A, B, scale, kind, dtype=acc)
     if magnitude is None:
-        return xp.astype(w + _oriented(delta, transposed), W.dtype)
+        return _as(xp, w + _oriented(delta, transposed), W.dtype)
     combined = (w.T if transposed else w) + delta
     norm = xp.linalg.vector_norm(xp.reshape(combined, (combined.shape[0], -1)), axis=1)
     factor = _as(xp, magnitude, acc) / norm
     merged = combined * _reshape_factor(xp, factor, combined.ndim)
-    return xp.astype(_oriented(merged, transposed), W.dtype)
+    return _as(xp, _oriented(merged, transposed), W.dtype)
 
 
 def unmerge_from(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
@@ -200,10 +200,10 @@ def unmerge_from(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
     w = _as(xp, W, acc)
     delta = delta_weight(A, B, scale, kind, dtype=acc)
     if magnitude is None:
-        return xp.astype(w - _oriented(delta, transposed), W.dtype)
+        return _as(xp, w - _oriented(delta, transposed), W.dtype)
     if weight_norm is None:
         raise ValueError("unmerging DoRA needs the weight_norm taken before the merge")
     combined = w.T if transposed else w
     factor = _as(xp, magnitude, acc) / _as(xp, weight_norm, acc)
     original = combined / _reshape_factor(xp, factor, combined.ndim) - delta
-    return xp.astype(_oriented(original, transposed), W.dtype)
+    return _as(xp, _oriented(original, transposed), W.dtype)
