@@ -24,9 +24,9 @@ dtype unless ``apply(..., dtype=torch.float32)`` says otherwise (e.g. float32 fa
 bfloat16 model for training; the input is then cast to the factors' dtype for the LoRA term and
 the term back to the output's dtype).
 
-``torch.compile(model, fullgraph=True)`` traces through the wrappers with no graph break: the
-first :func:`apply` registers a trace-time stand-in for the core's namespace lookup (see
-:func:`_enable_compile`), so a compiled graph holds only torch ops.
+``torch.compile(model, fullgraph=True)`` traces through the wrappers with no graph break: every
+core call gets the torch namespace, resolved once at import, as ``xp=``, so a compiled graph
+holds only torch ops.
 
 >>> import torch
 >>> import portable_lora as pl
@@ -45,7 +45,6 @@ Linear(in_features=4, out_features=3, bias=True)
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 import numbers
 import sys
@@ -116,35 +115,6 @@ def _runs_plain_linear(layer: nn.Module) -> bool:
 
 # -- torch.compile support ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def _enable_compile() -> None:
-    """Let dynamo trace the core's DoRA path without graph breaks (called once, by the first wrap).
-
-    The LoRA hot paths get the namespace as ``xp=_XP`` and never look it up. DoRA's
-    ``dora_factor`` (and the norm and ΔW under it) still finds its namespace on every call
-    (``array_namespace``), which dynamo cannot trace for ``nn.Parameter`` arguments
-    (``type(p).__module__``). Inside a compiled graph every array is a torch tensor, so the
-    lookup's answer is a constant: ``substitute_in_graph`` gives dynamo that constant while
-    eager calls keep the real lookup.
-    """
-    substitute = getattr(getattr(torch, "compiler", None), "substitute_in_graph", None)
-    if substitute is None:  # torch < 2.5: compiling still works, with graph breaks
-        return
-    original = _namespace.array_namespace
-    torch_namespace = original(torch.empty(0))
-
-    def array_namespace(*arrays):
-        for array in arrays:
-            if array is not None and not isinstance(array, torch.Tensor):
-                return original(*arrays)
-        return torch_namespace
-
-    try:
-        substitute(original)(array_namespace)
-    except ValueError:  # already registered (e.g. this module was reloaded)
-        pass
-
-
 # -- the wrapper layers ---------------------------------------------------------------------------------
 
 def _check_strength(strength: object) -> float:
@@ -181,7 +151,6 @@ class LoraLayer(nn.Module):
         # resolved once here so forward does no per-call dtype work when dtypes agree
         self.same_dtype = factor_dtype == weight.dtype
         self.set_strength(strength)
-        _enable_compile()
 
     # -- state ---------------------------------------------------------------------------
     def set_strength(self, strength: float) -> None:
@@ -222,7 +191,7 @@ class LoraLayer(nn.Module):
     def _dora(self, x: torch.Tensor) -> torch.Tensor:
         # m/‖W + ΔW‖ from the core; the layer's own ops give x·W and the LoRA term
         factor = core.dora_factor(self.weight_oi(), self.lora_A, self.lora_B, self.scale,
-                                  self.lora_magnitude, self.kind)
+                                  self.lora_magnitude, self.kind, xp=_XP)
         out = self.base_without_bias(x)
         out = out + self.lora_term(self._factor_input(x)).to(out.dtype)
         out = out * factor.to(out.dtype).reshape(self._channel_shape(out))

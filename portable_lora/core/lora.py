@@ -36,13 +36,14 @@ def _as(xp: Any, x: Any, dtype: Any) -> Any:
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
-def delta_weight(A: Any, B: Any, scale: float, kind: str = "linear", *, dtype: Any = None) -> Any:
+def delta_weight(A: Any, B: Any, scale: float, kind: str = "linear", *, dtype: Any = None,
+                 xp: Any = None) -> Any:
     """ΔW = scale · B @ A in the layout of the weight it merges into (see module docstring).
 
     Computed in ``dtype`` (default: the accumulation dtype of the factors, float32 unless
     they are float64).
     """
-    xp = array_namespace(A, B)
+    xp = array_namespace(A, B) if xp is None else xp
     if dtype is None:
         dtype = accumulation_dtype(xp, xp.result_type(A.dtype, B.dtype))
     a = _as(xp, A, dtype)
@@ -104,26 +105,26 @@ def _oriented(delta: Any, transposed: bool) -> Any:
 
 
 def dora_weight_norm(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
-                     transposed: bool = False) -> Any:
+                     transposed: bool = False, xp: Any = None) -> Any:
     """‖W + ΔW‖ per output channel (over every other axis), in the accumulation dtype, detached.
 
     This is the norm of PEFT's and mlx-lm's DoRA; it never carries gradients.
     """
-    xp = array_namespace(W, A, B)
+    xp = array_namespace(W, A, B) if xp is None else xp
     acc = accumulation_dtype(xp, W.dtype)
     w = _as(xp, W, acc)
     if transposed:
         w = w.T
-    combined = w + delta_weight(A, B, scale, kind, dtype=acc)
+    combined = w + delta_weight(A, B, scale, kind, dtype=acc, xp=xp)
     flat = xp.reshape(combined, (combined.shape[0], -1))
     return stop_gradient(xp, xp.linalg.vector_norm(flat, axis=1))
 
 
 def dora_factor(W: Any, A: Any, B: Any, scale: float, magnitude: Any, kind: str = "linear", *,
-                transposed: bool = False) -> Any:
+                transposed: bool = False, xp: Any = None) -> Any:
     """``magnitude / ‖W + ΔW‖`` per output channel: the DoRA rescaling, shape (out,)."""
-    xp = array_namespace(W, magnitude)
-    norm = dora_weight_norm(W, A, B, scale, kind, transposed=transposed)
+    xp = array_namespace(W, magnitude) if xp is None else xp
+    norm = dora_weight_norm(W, A, B, scale, kind, transposed=transposed, xp=xp)
     return _as(xp, magnitude, norm.dtype) / norm
 
 
@@ -131,7 +132,7 @@ def dora_forward(x: Any, W: Any, A: Any, B: Any, scale: float, magnitude: Any, b
                  fused: bool = True, xp: Any = None) -> Any:
     """DoRA linear forward: ``(m / ‖W + ΔW‖) ⊙ (x @ Wᵀ + scale · (x @ Aᵀ) @ Bᵀ) + bias``."""
     xp = array_namespace(x, W) if xp is None else xp
-    factor = _as(xp, dora_factor(W, A, B, scale, magnitude), x.dtype)
+    factor = _as(xp, dora_factor(W, A, B, scale, magnitude, xp=xp), x.dtype)
     out = add_lora_output(x @ W.T, x, A, B, scale, fused=fused, xp=xp) * factor
     return out if bias is None else out + bias
 
