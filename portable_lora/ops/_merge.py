@@ -41,7 +41,7 @@ __all__ = ["merge", "MergeReport", "merge_tensor", "MERGE_METADATA_KEY", "fan_in
 
 #: safetensors metadata entry recording what was merged into each output shard
 MERGE_METADATA_KEY = "portable_lora.merge"
-_BLOCK_BYTES = 16 << 20  # float32 working set per row block (three temporaries)
+_BLOCK_BYTES = 1 << 20  # float32 working set per row block (three temporaries)
 
 
 def _is_float(dtype: np.dtype) -> bool:
