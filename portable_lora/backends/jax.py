@@ -42,8 +42,6 @@ module's sub-tree (the leaf ``kernel`` or ``embedding`` is then added) or the le
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping, MutableSequence, Sequence
 from dataclasses import dataclass
@@ -97,12 +95,6 @@ def _path_for(name: str, mapping: PathMapping) -> tuple | None:
 
 def _show(path: tuple | None) -> str:
     return "no path" if path is None else ".".join(str(p) for p in path)
-
-
-def _check_strength(strength: object) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
-        raise LoraError(f"strength must be a finite real number, found {strength!r}")
-    return float(strength)
 
 
 def _flax_shape(module: LoraModule) -> tuple[int, ...]:
@@ -239,7 +231,7 @@ def merge_params(params: Any, adapter: Adapter, *, strength: float = 1.0, mappin
     >>> bool(jnp.allclose(merged["dense"]["kernel"], adapter.delta_weight("dense").T))
     True
     """
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     return _map_params(params, adapter, mapping, lambda name, m, W: _patched(
         W, name, m, _factors(name, m, lora), m.scale * strength))
 
@@ -248,7 +240,7 @@ def unmerge_params(params: Any, adapter: Adapter, *, strength: float = 1.0, mapp
                    lora: Mapping | None = None, weight_norms: Mapping[str, Any] | None = None) -> Any:
     """The inverse of :func:`merge_params` (same arguments); DoRA needs ``weight_norms``,
     taken by :func:`dora_weight_norms` before merging."""
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     norms = weight_norms or {}
     return _map_params(params, adapter, mapping, lambda name, m, W: _patched(
         W, name, m, _factors(name, m, lora), m.scale * strength, undo=True,
@@ -258,7 +250,7 @@ def unmerge_params(params: Any, adapter: Adapter, *, strength: float = 1.0, mapp
 def dora_weight_norms(params: Any, adapter: Adapter, *, strength: float = 1.0,
                       mapping: PathMapping = None, lora: Mapping | None = None) -> dict[str, jax.Array]:
     """``{name: ‖W + ΔW‖}`` for the DoRA modules of ``adapter``: what unmerging them needs."""
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     norms: dict[str, jax.Array] = {}
 
     def record(name, module, W):
@@ -325,7 +317,7 @@ class _LoraWrapper(nnx.Module):
         self.kind = module.kind
         self.alpha = float(module.alpha)
         self.rule = module.rule
-        self.strength = _check_strength(strength)
+        self.strength = core.check_strength(strength)
         self.A = nnx.LoRAParam(_as_jnp(module.A, dtype))
         self.B = nnx.LoRAParam(_as_jnp(module.B, dtype))
         self.magnitude = (nnx.LoRAParam(_as_jnp(module.magnitude, dtype)) if module.is_dora
@@ -539,7 +531,7 @@ def apply(model: nnx.Module, adapter: Adapter, *, strength: float = 1.0, mapping
     ``dtype`` converts the factors (default: the adapter's dtype).
     """
     _check_model(model)
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     targets = _resolve(model, adapter, mapping)
     for name, module, _, _, target in targets:
         _check_target(name, module, target, wrapping=True)
@@ -565,7 +557,7 @@ _MERGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _merge_plain(model: nnx.Module, adapter: Adapter, strength: float, mapping: PathMapping) -> nnx.Module:
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     targets = _resolve(model, adapter, mapping)
     for name, module, _, _, target in targets:
         _check_target(name, module, target, wrapping=False)
@@ -672,7 +664,7 @@ def set_strength(model: nnx.Module, strength: float = 1.0) -> nnx.Module:
 
     Merged modules must be unmerged first. Under ``nnx.jit`` a new strength retraces once.
     """
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     wrappers = _wrappers(model)
     merged = [w.adapter_name for _, w in wrappers if w.merged]
     if merged:

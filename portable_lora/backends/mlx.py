@@ -33,8 +33,6 @@ traced with: compile again after :func:`set_strength`.
 from __future__ import annotations
 
 import hashlib
-import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -142,7 +140,7 @@ class _LoraLayer(nn.Module):
 
     def set_strength(self, strength: float) -> None:
         """Scale ΔW by ``strength`` (the stored alpha and rule are unchanged)."""
-        self.strength = _check_strength(strength)
+        self.strength = core.check_strength(strength)
         # the rank is fixed for the life of the layer, so the scale is computed once here
         self.scale = core.effective_scale(self.alpha, int(self.lora_A.shape[0]), self.rule) * self.strength
 
@@ -227,12 +225,6 @@ def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise LoraError(f"expected an mlx.nn.Module, found {type(model).__name__}", key="model")
     return model
-
-
-def _check_strength(strength: Any) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
-        raise LoraError(f"strength must be a finite real number, found {strength!r}", key="strength")
-    return float(strength)
 
 
 def _applied(model: nn.Module) -> Iterator[tuple[str, _LoraLayer]]:
@@ -321,7 +313,7 @@ def apply(model: nn.Module, adapter: Adapter, *, strength: float = 1.0, dtype: A
     ``dtype`` (an ``mx.Dtype``) converts the factors; by default they keep the adapter's.
     Nothing changes when any module fails its checks.
     """
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     if dtype is not None and not isinstance(dtype, mx.Dtype):
         raise LoraError(f"apply: dtype must be an mlx.core.Dtype such as mx.float32, found {dtype!r}",
                         key="dtype")
@@ -373,7 +365,7 @@ def set_strength(model: nn.Module, strength: float) -> nn.Module:
     0 gives the base model's output for LoRA. For DoRA the magnitude still applies (as with
     PEFT's scale), so strength 0 gives ``m · W/‖W‖``, not W: use :func:`remove` for the base.
     """
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     for _, wrapper in _lora_layers(model, "set_strength"):
         wrapper.set_strength(strength)
     return model
@@ -453,7 +445,7 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0,
     and a :class:`RequantizationWarning` says how much of ΔW that erased. :func:`unmerge`
     undoes a merge (a quantized layer gets its original back, bit for bit).
     """
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     targets = _targets(model, adapter, "merge")
     erased: dict[str, float] = {}
     described: dict[str, str] = {}

@@ -25,8 +25,6 @@ True
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -65,12 +63,6 @@ def _is_transposed(name: str, key: str, module: LoraModule, transposed: Transpos
         raise LoraError(f"module {name!r}: only linear weights can be transposed, this one is "
                         f"{module.kind}", key=key)
     return flag
-
-
-def _check_strength(strength: object) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
-        raise LoraError(f"strength must be a finite real number, found {strength!r}")
-    return float(strength)
 
 
 def _check_adapter(adapter: object) -> Adapter:
@@ -116,7 +108,7 @@ def _targets(state_dict: Mapping[str, Any], adapter: Adapter, key_for: KeyFor,
 def merge(state_dict: Mapping[str, Any], adapter: Adapter, *, strength: float = 1.0,
           key_for: KeyFor = None, transposed: Transposed = None) -> dict[str, Any]:
     """A new state dict with ``strength`` × the adapter merged into its weights (DoRA too)."""
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     out = dict(state_dict)
     for name, module, key, weight, flag in _targets(state_dict, adapter, key_for, transposed):
         out[key] = core.merge_into(weight, module.A, module.B, module.scale * strength, module.kind,
@@ -129,7 +121,7 @@ def unmerge(state_dict: Mapping[str, Any], adapter: Adapter, *, strength: float 
             weight_norms: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The inverse of :func:`merge`. DoRA modules need ``weight_norms``, taken by
     :func:`dora_weight_norms` on the state dict before merging."""
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     norms = weight_norms or {}
     out = dict(state_dict)
     for name, module, key, weight, flag in _targets(state_dict, adapter, key_for, transposed):
@@ -145,7 +137,7 @@ def unmerge(state_dict: Mapping[str, Any], adapter: Adapter, *, strength: float 
 def dora_weight_norms(state_dict: Mapping[str, Any], adapter: Adapter, *, strength: float = 1.0,
                       key_for: KeyFor = None, transposed: Transposed = None) -> dict[str, np.ndarray]:
     """``{name: ‖W + ΔW‖}`` for the DoRA modules of ``adapter``: what unmerging them needs."""
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     return {name: core.dora_weight_norm(weight, module.A, module.B, module.scale * strength,
                                         module.kind, transposed=flag)
             for name, module, _, weight, flag in _targets(state_dict, adapter, key_for, transposed)
@@ -159,7 +151,7 @@ def delta_state_dict(adapter: Adapter, *, strength: float = 1.0, key_for: KeyFor
     ``dtype`` rounds once from the accumulation dtype (default: float32, or float64 for
     float64 factors). DoRA has no ΔW independent of the base weight: it raises.
     """
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     out: dict[str, np.ndarray] = {}
     for name, module in _check_adapter(adapter).items():
         key = _key_for(name, key_for)

@@ -45,8 +45,6 @@ Linear(in_features=4, out_features=3, bias=True)
 from __future__ import annotations
 
 import difflib
-import math
-import numbers
 import sys
 from typing import Any, Callable, Iterable
 
@@ -117,12 +115,6 @@ def _runs_plain_linear(layer: nn.Module) -> bool:
 
 # -- the wrapper layers ---------------------------------------------------------------------------------
 
-def _check_strength(strength: object) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
-        raise LoraError(f"strength must be a finite real number, found {strength!r}")
-    return float(strength)
-
-
 class LoraLayer(nn.Module):
     """A base layer plus trainable LoRA factors; forward adds the unmerged LoRA term.
 
@@ -158,7 +150,7 @@ class LoraLayer(nn.Module):
 
         0 turns the LoRA term off; a DoRA layer still rescales by ``m / ‖W‖`` then.
         """
-        self.strength = _check_strength(strength)
+        self.strength = core.check_strength(strength)
         self.scale = core.effective_scale(self.alpha, self.lora_A.shape[0], self.rule) * self.strength
 
     def lora_module(self) -> LoraModule:
@@ -419,7 +411,7 @@ def apply(model: nn.Module, adapter: Adapter, *, strength: float = 1.0, freeze_b
     factors; :func:`remove` restores the flags it changed. ``dtype`` is the factors' dtype
     (default: each base weight's dtype). Every module is checked before any layer changes.
     """
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise LoraError(f"dtype must be a floating torch.dtype, found {dtype!r}")
     layers = _resolve(model, adapter, "apply")
@@ -455,7 +447,7 @@ def set_strength(model: nn.Module, strength: float) -> nn.Module:
     Under ``torch.compile`` a new strength is picked up by a recompile (the scale is traced
     as a constant).
     """
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     for _, wrapper in _wrappers(model, "set_strength"):
         wrapper.set_strength(strength)
     return model
@@ -499,7 +491,7 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Mo
     must be plain (not wrapped by :func:`apply`): to merge trained factors, ``a = extract(m);
     remove(m); merge(m, a)``.
     """
-    strength = _check_strength(strength)
+    strength = core.check_strength(strength)
     layers = _resolve(model, adapter, "merge")
     for name, layer in layers.items():
         _dispatch(name, layer, adapter[name])

@@ -102,5 +102,5 @@ def check_strength(strength: object) -> float:
     except OverflowError:
         value = math.inf
     if not math.isfinite(value):
-        raise LoraError(f"strength must be finite, found {value}", key="strength")
+        raise LoraError(f"strength must be a finite real number, found {value}", key="strength")
     return value
