@@ -192,16 +192,12 @@ def unmerge_from(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
     DoRA cannot be undone from the merged weight alone: pass ``weight_norm``, the
     :func:`dora_weight_norm` taken before merging.
     """
+    if magnitude is None:  # W − s·BA is W + (−s)·BA, bit for bit
+        return merge_into(W, A, B, -float(scale), kind, transposed=transposed, inplace=inplace)
     xp = array_namespace(W, A, B)
-    if inplace and magnitude is None:
-        done = _merge_in_place(xp, W, A, B, -float(scale), kind, transposed)
-        if done is not None:
-            return done
     acc = accumulation_dtype(xp, W.dtype)
     w = _as(xp, W, acc)
     delta = delta_weight(A, B, scale, kind, dtype=acc)
-    if magnitude is None:
-        return _as(xp, w - _oriented(delta, transposed), W.dtype)
     if weight_norm is None:
         raise ValueError("unmerging DoRA needs the weight_norm taken before the merge")
     combined = w.T if transposed else w
