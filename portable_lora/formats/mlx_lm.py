@@ -281,10 +281,7 @@ def load_layout(config_path: Path, weights_path: Path, *, fmt: str, convention: 
     if notes:
         provenance["notes"] = notes
     provenance["source_format"] = fmt
-    adapter = Adapter(base_model=base_model, provenance=provenance)
-    for name, module in modules.items():
-        adapter[name] = module
-    return adapter
+    return Adapter(modules, base_model=base_model, provenance=provenance)
 
 
 def load(path: Path, *, convention: str | None = None,

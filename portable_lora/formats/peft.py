@@ -312,10 +312,7 @@ def load(path: Path, *, convention: str | None = None, extra_tensors: str = "err
     if notes:
         provenance["notes"] = notes
     provenance["source_format"] = NAME
-    adapter = Adapter(base_model=base_model, provenance=provenance)
-    for name, module in modules.items():
-        adapter[name] = module
-    return adapter
+    return Adapter(modules, base_model=base_model, provenance=provenance)
 
 
 # -- save ------------------------------------------------------------------------------------
