@@ -139,8 +139,8 @@ def test_enospc_keeps_the_old_output_and_names_the_target(tmp_path, fail_after, 
     assert target.read_bytes() == old_bytes and temporaries(tmp_path) == []
 
 
-def test_enospc_at_flush_time(tmp_path, monkeypatch):
-    """Small writes sit in the buffer: the failure comes at flush or fsync, and is handled the same."""
+def test_enospc_at_fsync_time_of_a_durable_write(tmp_path, monkeypatch):
+    """Small writes sit in the buffer: the failure comes at fsync, and is handled the same."""
     target = tmp_path / "small.json"
     target.write_bytes(OLD)
 
@@ -149,10 +149,35 @@ def test_enospc_at_flush_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(OSError) as info:
-        with atomic_file(target) as out:
+        with atomic_file(target, durable=True) as out:
             out.write(b"{}")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
     assert target.read_bytes() == OLD and temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["argument", "context", "environment", "off"])
+def test_durable_writes_fsync_file_and_directory(tmp_path, monkeypatch, how):
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.delenv(atomic.DURABLE_ENV, raising=False)
+    if how == "environment":
+        monkeypatch.setenv(atomic.DURABLE_ENV, "1")
+    with atomic.durable_writes(True if how == "context" else None):
+        pl.save(_adapter(seed=1), tmp_path / "a.safetensors",
+                **({"durable": True} if how == "argument" else {}))
+        with atomic.atomic_directory(tmp_path / "d", durable=True if how == "argument" else None) as d:
+            (d / "x.bin").write_bytes(b"x")
+    if how == "off":
+        assert synced == [] and not atomic.is_durable()
+    else:  # the file, its directory; then the tree (its file, itself) and the parent
+        assert synced.count("file") == 2 and synced.count("dir") >= 3
+    assert pl.load(tmp_path / "a.safetensors") is not None and (tmp_path / "d" / "x.bin").read_bytes() == b"x"
 
 
 def test_cannot_create_the_temporary(tmp_path, monkeypatch):

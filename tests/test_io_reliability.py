@@ -306,3 +306,89 @@ def test_lazy_tensor_that_breaks_its_promise_leaves_nothing(tmp_path):
         write_safetensors(path, {"a": TENSORS["a"], "lazy": bad})
     assert info.value.key == "lazy" and info.value.file == str(path)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["lazy.safetensors"]
+
+
+# -- streaming writes: chunks, file ranges, the background writer ---------------------------------
+def _chunked_inputs(tmp_path):
+    source = tmp_path / "source.safetensors"
+    big = np.arange(3000, dtype=np.float32).reshape(100, 30)
+    write_safetensors(source, {"x": big})
+    return source, big
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_chunks_and_file_ranges_write_the_same_bytes(tmp_path, background):
+    from portable_lora.io.safetensors_io import SafetensorsFile
+
+    source, big = _chunked_inputs(tmp_path)
+    whole = tmp_path / "whole.safetensors"
+    write_safetensors(whole, {"a": big, "b": big * 2})
+    with SafetensorsFile(source) as f:
+        chunks = LazyTensor(np.dtype(np.float32), (100, 30), lambda: (big[i:i + 7] for i in range(0, 100, 7)))
+        copied = LazyTensor(np.dtype(np.float32), (100, 30), lambda: [f.file_range("x")])
+        doubled = LazyTensor(np.dtype(np.float32), (100, 30), lambda: iter([big[:50] * 2, big[50:] * 2]))
+        out = tmp_path / "chunked.safetensors"
+        write_safetensors(out, {"a": chunks, "b": doubled}, background=background)
+        assert out.read_bytes() == whole.read_bytes()
+        write_safetensors(out, {"a": copied, "b": doubled}, background=background)
+        assert out.read_bytes() == whole.read_bytes()
+        buffer = np.empty((10, 30), np.float32)
+        f.read_into("x", buffer, offset=30 * 4 * 5)
+        assert np.array_equal(buffer, big[5:15])
+        with pytest.raises(ValueError, match="outside"):
+            f.read_into("x", buffer, offset=30 * 4 * 95)
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("chunks,match", [
+    (lambda big: iter([big[:50]]), "produced 6000 bytes"),                       # too few
+    (lambda big: iter([big, big[:1]]), "produced 12120 bytes"),                  # too many
+    (lambda big: iter([big.astype(np.float64)]), "a chunk of float64"),          # wrong dtype
+])
+def test_chunked_tensor_that_breaks_its_promise_leaves_nothing(tmp_path, background, chunks, match):
+    _, big = _chunked_inputs(tmp_path)
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old")
+    lazy = LazyTensor(np.dtype(np.float32), (100, 30), lambda: chunks(big))
+    with pytest.raises(LoraError, match=match) as info:
+        write_safetensors(path, {"a": big, "lazy": lazy}, background=background)
+    assert info.value.key == "lazy" and path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "source.safetensors"]
+
+
+def test_background_writer_failure_reaches_the_caller(tmp_path, monkeypatch):
+    """ENOSPC inside the writer thread: raised to the producer, naming the target; old file kept."""
+    import errno
+    import os
+
+    _, big = _chunked_inputs(tmp_path)
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old")
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, handle):
+            self._handle, self.written = handle, 0
+
+        def write(self, data):
+            self.written += len(memoryview(data).cast("B"))
+            if self.written > 20000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self._handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._handle.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(real(fd, *a, **k)))
+    lazy = LazyTensor(np.dtype(np.float32), (100, 30), lambda: (big[i:i + 10] for i in range(0, 100, 10)))
+    with pytest.raises(OSError) as info:
+        write_safetensors(path, {f"t{i}": lazy for i in range(10)}, background=True)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "source.safetensors"]

@@ -601,3 +601,97 @@ def test_demo_end_to_end(tmp_path):
             assert c["max_relative_error"] < 1e-5
     assert j["inspect"]["base"]["rules"]["alpha/rank"]["verdict"] == "plausible"
     assert j["check"]["ok"]
+
+
+# -- the streaming merge's fast paths -----------------------------------------------------------
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
+@pytest.mark.parametrize("alpha", [16.0, 32.0, 12.0, 8.0])  # scale 1, 2 (power of two), 0.75, 0.5
+def test_row_block_merge_is_the_core_merge_bit_for_bit(dtype, alpha):
+    """The reused-buffer path (ΔW rows into a buffer, a power-of-two scale folded into A) gives
+    core.merge_into's bits when the GEMM has the same shape (one block); smaller blocks change
+    only BLAS's kernel choice: within one float32 rounding before the final one."""
+    from portable_lora import core
+
+    a = random_adapter({"m": (67, 40)}, rank=16, alpha=alpha, seed=3, dtype=dtype)
+    W = RNG.standard_normal((67, 40)).astype(np.float32).astype(dtype)
+    want = np.asarray(core.merge_into(W, a["m"].A, a["m"].B, a["m"].scale))
+    got = ops.merge_tensor(W, a["m"], a["m"].scale)
+    assert got.dtype == W.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    # ulps of |W| + |s|·|B|@|A|, the size of the terms summed (where they cancel, the result's
+    # own ulp is smaller than the rounding error of the sum)
+    delta = np.abs(a["m"].B.astype(np.float32)) @ np.abs(a["m"].A.astype(np.float32)) * abs(a["m"].scale)
+    terms = (np.abs(W.astype(np.float32)) + delta).astype(W.dtype)
+    ulp = np.spacing(terms).astype(np.float64)
+    for block_bytes in (1, 40 * 4 * 5):
+        got = ops.merge_tensor(W, a["m"], a["m"].scale, block_bytes=block_bytes)
+        off = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        assert np.all(off <= 2 * ulp), block_bytes
+        if W.dtype.itemsize == 2:  # a float32 difference rarely changes a 16-bit rounding
+            assert np.count_nonzero(off) <= max(2, off.size // 100), block_bytes
+    back = ops.merge_tensor(want, a["m"], a["m"].scale, unmerge=True)
+    assert np.array_equal(back.view(np.uint8), np.asarray(
+        core.unmerge_from(want, a["m"].A, a["m"].B, a["m"].scale)).view(np.uint8))
+
+
+def test_prescaled_factor_keeps_the_bits_or_declines():
+    from portable_lora.ops._merge import _prescaled
+
+    A = RNG.standard_normal((4, 6)).astype(np.float32)
+    B = RNG.standard_normal((5, 4)).astype(np.float32)
+    for scale in (2.0, 0.25, -4.0, 1.0):
+        A2, post = _prescaled(A, scale)
+        assert post is None and np.array_equal(B @ A2, (B @ A) * np.float32(scale))
+    assert _prescaled(A, 0.75)[1] == 0.75  # not a power of two: the multiply stays
+    tiny = np.full((2, 2), np.finfo(np.float32).tiny * 2, np.float32)
+    assert _prescaled(tiny, 0.25)[1] == 0.25  # would go subnormal
+    huge = np.full((2, 2), np.finfo(np.float32).max / 2, np.float32)
+    assert _prescaled(huge, 4.0)[1] == 4.0  # would overflow
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_streaming_merge_threads_and_writers_give_the_same_file(tmp_path, monkeypatch, dtype):
+    """1 and 3 worker threads, background writer on and off: the same bytes (and the same as
+    merge_tensor); untouched tensors are copied file to file when their dtype stays."""
+    from portable_lora.io import safetensors_io
+
+    a = small_adapter(dtype=ml_dtypes.bfloat16)
+    weights = {k: v.astype(ml_dtypes.bfloat16) for k, v in base_weights(a).items()}
+    write_safetensors(tmp_path / "base.safetensors", weights)
+    monkeypatch.setattr(ops._merge, "_BLOCK_BYTES", 64)
+    outputs = []
+    for threads, background_min in ((1, 1 << 40), (3, 0), (2, 0)):
+        monkeypatch.setattr(safetensors_io, "_BACKGROUND_MIN_BYTES", background_min)
+        out = tmp_path / f"m{threads}.safetensors"
+        ops.merge(tmp_path / "base.safetensors", a, out, threads=threads, dtype=dtype)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+    merged, _ = read_safetensors(tmp_path / "m1.safetensors")
+    for module, m in a.items():
+        key = f"{module}.weight"
+        want = ops.merge_tensor(weights[key], m, m.scale, out_dtype=dtype)
+        assert np.array_equal(merged[key].view(np.uint8), want.view(np.uint8)), key
+    for key in set(weights) - {f"{m}.weight" for m in a}:
+        expected = weights[key] if dtype is None else weights[key].astype(np.float32)
+        assert np.array_equal(merged[key], expected), key
+
+
+def test_merge_threads_must_be_a_positive_integer(tmp_path):
+    a = small_adapter()
+    write_safetensors(tmp_path / "base.safetensors", base_weights(a))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(LoraError, match="threads"):
+            ops.merge(tmp_path / "base.safetensors", a, tmp_path / "m.safetensors", threads=bad)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_overflow_in_a_worker_thread_aborts_the_write(tmp_path):
+    a = small_adapter(dtype=np.float32)
+    name = next(iter(a))
+    a[name].B[:] = 1e4
+    a[name].A[:] = 1e4
+    weights = {k: v.astype(np.float16) for k, v in base_weights(a).items()}
+    write_safetensors(tmp_path / "base.safetensors", weights)
+    with pytest.raises(LoraError, match="non-finite") as info:
+        ops.merge(tmp_path / "base.safetensors", a, tmp_path / "m.safetensors", threads=3)
+    assert info.value.key == f"{name}.weight" and not (tmp_path / "m.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..io.atomic import durable_writes
 from ..adapter import Adapter
 from ..core import RULES
 from ..errors import LoraError
@@ -117,11 +118,13 @@ def load(path: str | os.PathLike, format: str | None = None, convention: str | N
 
 
 def save(adapter: Adapter, path: str | os.PathLike, format: str = "portable", *,
-         overwrite: bool = True, **options: Any) -> None:
-    """Write ``adapter`` in ``format``, atomically (see :mod:`portable_lora.io.atomic`)."""
+         overwrite: bool = True, durable: bool | None = None, **options: Any) -> None:
+    """Write ``adapter`` in ``format``, atomically (see :mod:`portable_lora.io.atomic`);
+    ``durable=True`` also fsyncs (default: :func:`~portable_lora.io.atomic.is_durable`)."""
     p = Path(path)
     if not overwrite and (p.exists() or p.is_symlink()):
         raise LoraError("already exists (pass overwrite=True, or --force on the command line)", file=p)
     if not p.parent.exists():
         raise LoraError("the parent directory does not exist", file=p)
-    get_format(format).save(adapter, p, **options)
+    with durable_writes(durable):
+        get_format(format).save(adapter, p, **options)

@@ -1,7 +1,16 @@
 """Atomic writes: a reader sees the old output or the whole new one, never a torn one.
 
 Single files are written to a temporary sibling (``.<name>.<pid>.<random>.partial``),
-flushed and fsynced, then ``os.replace``d over the target and the directory fsynced.
+flushed, then ``os.replace``d over the target.
+
+Durability is a separate choice. By default nothing is fsynced, as ``safetensors``,
+``torch.save`` and ``cp`` do: a crash of the writing process (an exception, Ctrl-C, SIGKILL)
+never leaves a torn output, but a power cut or kernel crash within the kernel's writeback delay
+(~30 s) can lose the new output. With durable writes (``durable=True``, the
+``PORTABLE_LORA_DURABLE=1`` environment variable, :func:`durable_writes`, or the CLI's
+``--durable``) every file is fsynced before the rename and the directory after it, so a
+completed write survives a power cut; this costs the disk's write time (measured here: 0.5 GB/s
+durable against 2.9 GB/s into the page cache).
 
 Directories (PEFT, mlx-lm outputs, sharded checkpoints) are built in a temporary sibling
 directory. On Linux an existing target is swapped with it in one ``renameat2(RENAME_EXCHANGE)``,
@@ -27,6 +36,7 @@ b'all or nothing'
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import errno
 import os
@@ -38,10 +48,43 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 __all__ = ["atomic_file", "atomic_directory", "fsync_directory", "remove_stale_partials",
-           "PARTIAL_SUFFIX"]
+           "PARTIAL_SUFFIX", "durable_writes", "is_durable", "DURABLE_ENV"]
 
 PARTIAL_SUFFIX = ".partial"
 _OLD_MARK = ".old"
+#: set to 1 (or true, yes, on) to make every write durable (fsync) by default
+DURABLE_ENV = "PORTABLE_LORA_DURABLE"
+_DURABLE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("portable_lora_durable", default=None)
+
+
+def is_durable(durable: bool | None = None) -> bool:
+    """Whether a write is fsynced: ``durable`` if given, else :func:`durable_writes`' setting,
+    else the ``PORTABLE_LORA_DURABLE`` environment variable (off when unset)."""
+    if durable is not None:
+        return bool(durable)
+    setting = _DURABLE.get()
+    if setting is not None:
+        return setting
+    return os.environ.get(DURABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def durable_writes(enabled: bool | None = True) -> Iterator[None]:
+    """Within the block, every atomic write is (``True``) or is not (``False``) fsynced;
+    ``None`` changes nothing. Per thread and task (a context variable).
+
+    >>> with durable_writes():
+    ...     is_durable()
+    True
+    """
+    if enabled is None:
+        yield
+        return
+    token = _DURABLE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _DURABLE.reset(token)
 
 
 def fsync_directory(path: Path) -> None:
@@ -150,13 +193,15 @@ def _create_temp_dir(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_file(path: str | os.PathLike, *, durable: bool | None = None) -> Iterator[BinaryIO]:
     """Open a temporary file for binary writing; on success it replaces ``path`` atomically.
 
     On any exception (or a kill) ``path`` is left as it was and no temporary remains (a
-    killed writer's temporary is removed by the next write to ``path``).
+    killed writer's temporary is removed by the next write to ``path``). ``durable`` (default:
+    :func:`is_durable`) fsyncs the file before the rename and the directory after it.
     """
     target = Path(path)
+    durable = is_durable(durable)
     remove_stale_partials(target)
     try:
         fd, tmp = _create_temp_file(target)
@@ -166,7 +211,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -174,7 +220,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         if isinstance(exc, OSError) and _naming_target(exc, target, tmp) is not exc:
             raise _naming_target(exc, target, tmp) from exc
         raise
-    fsync_directory(target.parent)
+    if durable:
+        fsync_directory(target.parent)
 
 
 _RENAME_EXCHANGE = 2
@@ -219,13 +266,15 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, durable: bool | None = None) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it becomes ``path`` in one rename.
 
-    Files written inside should be closed by the time the block ends; they are fsynced here.
-    On any exception (or a kill) ``path`` is left as it was.
+    Files written inside should be closed by the time the block ends; with ``durable``
+    (default: :func:`is_durable`) they are fsynced here, before the rename. On any exception
+    (or a kill) ``path`` is left as it was.
     """
     target = Path(path)
+    durable = is_durable(durable)
     remove_stale_partials(target)
     try:
         tmp = _create_temp_dir(target)
@@ -234,8 +283,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     published = False
     old: Path | None = None  # where the previous output is once the new one is in place
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        with durable_writes(False):  # the tree is fsynced once, below
+            yield tmp
+        if durable:
+            _fsync_tree(tmp)
         if target.exists() or target.is_symlink():
             if _exchange(tmp, target):
                 old, published = tmp, True
@@ -260,4 +311,5 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if published and old is not None:
             _remove(old)
-    fsync_directory(target.parent)
+    if durable:
+        fsync_directory(target.parent)

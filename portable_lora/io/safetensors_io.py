@@ -14,24 +14,33 @@ file and the tensor:
 * the file does not change size between validation and mapping.
 
 Tensors are read through a memory map; :meth:`SafetensorsFile.get` copies (the default) or
-returns a read-only view for streaming.
+returns a read-only view; :meth:`SafetensorsFile.read_into` reads a byte range of a tensor into
+a caller's buffer (``pread``, no mapping: resident memory stays at the buffer).
 
 The writer refuses, before writing a byte, what it could not write faithfully (names or
 metadata that are not strings or not encodable as UTF-8, a tensor named ``__metadata__``, a
 dtype safetensors cannot name, a header over the cap) and writes atomically
 (:mod:`portable_lora.io.atomic`). docs/SECURITY.md lists what the tests show.
+
+Streaming: a :class:`LazyTensor` is produced only when the writer reaches it, as one array or
+as an iterator of chunks (arrays whose bytes, in order, are the tensor's; or a
+:class:`FileRange`, copied file-to-file by the kernel where it can). Large outputs are written
+by a background thread, so producing the next chunk overlaps writing the last.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Union
 
 import ml_dtypes
 import numpy as np
@@ -39,8 +48,8 @@ import numpy as np
 from ..errors import LoraError
 from .atomic import atomic_file
 
-__all__ = ["SafetensorsFile", "TensorInfo", "LazyTensor", "read_safetensors", "write_safetensors",
-           "DTYPES", "dtype_name", "MAX_HEADER_BYTES"]
+__all__ = ["SafetensorsFile", "TensorInfo", "LazyTensor", "FileRange", "read_safetensors",
+           "write_safetensors", "DTYPES", "dtype_name", "MAX_HEADER_BYTES"]
 
 MAX_HEADER_BYTES = 100_000_000  # the cap of the reference implementation
 
@@ -207,6 +216,38 @@ class SafetensorsFile:
                              offset=self.data_start + info.begin).reshape(info.shape)
         return view.copy() if copy else view
 
+    def read_into(self, name: str, buffer: Any, offset: int = 0) -> None:
+        """Fill ``buffer`` (a writable C-contiguous array or buffer) with the bytes of ``name``
+        from byte ``offset`` of its data on; ``pread`` where the OS has it, so nothing is
+        mapped into this process."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise LoraError("no such tensor in the file", file=self.path, key=name)
+        if isinstance(buffer, np.ndarray):
+            if not buffer.flags.c_contiguous:
+                raise ValueError("read_into needs a C-contiguous buffer")
+            buffer = buffer.reshape(-1).view(np.uint8)  # bf16 and float8 have no buffer format
+        view = memoryview(buffer).cast("B")
+        if offset < 0 or offset + view.nbytes > info.nbytes:
+            raise ValueError(f"bytes [{offset}, {offset + view.nbytes}) lie outside {name!r}'s "
+                             f"{info.nbytes} bytes")
+        start = self.data_start + info.begin + offset
+        done = 0
+        if hasattr(os, "preadv"):
+            while done < view.nbytes:
+                got = os.preadv(self._file.fileno(), [view[done:]], start + done)
+                if got <= 0:
+                    raise LoraError(f"the file ended while reading {name!r} (it changed on disk?)",
+                                    file=self.path, key=name)
+                done += got
+            return
+        view[:] = self._map[start:start + view.nbytes]  # type: ignore[index]
+
+    def file_range(self, name: str) -> "FileRange":
+        """``name``'s bytes as a :class:`FileRange`, for a writer to copy without reading them."""
+        info = self.tensors[name]
+        return FileRange(self._file, self.data_start + info.begin, info.nbytes)
+
     def release(self, name: str) -> None:
         """Drop the memory-mapped pages of ``name`` from this process (they stay in the OS page
         cache), so a pass over a large file keeps resident memory near one tensor. Views already
@@ -248,11 +289,27 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
 
 
 @dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes of an open file from ``offset`` on: a chunk copied file to file."""
+    file: BinaryIO
+    offset: int
+    length: int
+
+
+Chunk = Union[np.ndarray, FileRange]
+
+
+@dataclass(frozen=True)
 class LazyTensor:
-    """A tensor produced on demand while writing (streaming): dtype, shape and a producer."""
+    """A tensor produced on demand while writing (streaming): dtype, shape and a producer.
+
+    ``produce()`` returns the whole array, or an iterator of chunks: C-contiguous arrays (any
+    shape and dtype) and :class:`FileRange` s whose bytes, in order, make the tensor's data.
+    The writer checks their total against dtype × shape.
+    """
     dtype: np.dtype
     shape: tuple[int, ...]
-    produce: Callable[[], np.ndarray]
+    produce: Callable[[], Union[np.ndarray, Iterable[Chunk]]]
 
 
 def _encodable(text: str, what: str, path: Any) -> None:
@@ -298,12 +355,135 @@ def _header_bytes(entries: list[tuple[str, np.dtype, tuple[int, ...]]],
     return struct.pack("<Q", len(raw)) + raw
 
 
+#: outputs at least this large are written by a background thread
+_BACKGROUND_MIN_BYTES = 32 << 20
+_QUEUE_DEPTH = 3  # chunks in flight (each at most a few MB): bounds the memory the thread holds
+
+
+class _Sink:
+    """Writes chunks to ``out`` in order: inline, or from a background thread."""
+
+    def __init__(self, out: BinaryIO, background: bool):
+        self.out = out
+        self._queue: queue.Queue | None = None
+        self._error: BaseException | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+            self._thread = threading.Thread(target=self._run, args=(self._queue,),
+                                            name="portable-lora-writer", daemon=True)
+            self._thread.start()
+
+    def _write(self, chunk: Any) -> None:
+        if isinstance(chunk, FileRange):
+            _copy_range(chunk, self.out)
+        else:
+            self.out.write(chunk)
+
+    def _run(self, chunks: queue.Queue) -> None:
+        while True:
+            chunk = chunks.get()
+            if chunk is None:
+                return
+            if self._error is None:
+                try:
+                    self._write(chunk)
+                except BaseException as exc:  # handed to the producing thread
+                    self._error = exc
+
+    def put(self, chunk: Any) -> None:
+        if self._queue is None:
+            self._write(chunk)
+            return
+        if self._error is not None:
+            self._raise()
+        self._queue.put(chunk)
+
+    def _raise(self) -> None:
+        error, self._error = self._error, None
+        self.close(check=False)
+        raise error  # type: ignore[misc]
+
+    def close(self, check: bool = True) -> None:
+        if self._queue is None:
+            return
+        q, self._queue = self._queue, None
+        if not check:  # abandon what is queued
+            self._error = self._error or _Abandoned()
+        q.put(None)
+        self._thread.join()
+        if check and self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class _Abandoned(Exception):
+    pass
+
+
+_NO_COPY_RANGE = {getattr(errno, name) for name in ("EXDEV", "EINVAL", "ENOSYS", "EOPNOTSUPP",
+                                                    "ENOTSUP", "EBADF", "EPERM") if hasattr(errno, name)}
+
+
+def _copy_range(chunk: FileRange, out: BinaryIO) -> None:
+    """Copy ``chunk`` to ``out``'s current position: in the kernel (``copy_file_range``) where
+    it can, else through an 8 MB buffer."""
+    done = 0
+    copy = getattr(os, "copy_file_range", None)
+    if copy is not None and hasattr(out, "fileno"):
+        out.flush()
+        try:
+            while done < chunk.length:
+                got = copy(chunk.file.fileno(), out.fileno(), chunk.length - done, chunk.offset + done)
+                if got <= 0:
+                    break
+                done += got
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:  # else: this file system cannot; copy by hand
+                raise
+    buffer = bytearray(min(8 << 20, max(1, chunk.length - done)))
+    view = memoryview(buffer)
+    while done < chunk.length:
+        n = min(len(buffer), chunk.length - done)
+        got = os.preadv(chunk.file.fileno(), [view[:n]], chunk.offset + done) if hasattr(os, "preadv") \
+            else _pread_fallback(chunk.file, view[:n], chunk.offset + done)
+        if got <= 0:
+            raise OSError(f"the source file ended {chunk.length - done} bytes early")
+        out.write(view[:got])
+        done += got
+
+
+def _pread_fallback(file: BinaryIO, view: memoryview, offset: int) -> int:
+    file.seek(offset)
+    return file.readinto(view)  # type: ignore[attr-defined]
+
+
+def _chunks(value: Any) -> tuple[bool, Iterator[Chunk]]:
+    """(whether the tensor came in chunks, its chunks)."""
+    produced = value.produce() if isinstance(value, LazyTensor) else value
+    if isinstance(produced, (np.ndarray, np.generic)) or not isinstance(produced, Iterable):
+        return False, iter([np.asarray(produced)])
+    return True, iter(produced)
+
+
+def _as_bytes(array: np.ndarray) -> Any:
+    array = np.require(array, requirements="C")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.reshape(-1).view(np.uint8).data if array.size else b""
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray | LazyTensor],
                       metadata: Mapping[str, str] | None = None, *,
-                      on_tensor: Callable[[str, int], None] | None = None) -> None:
+                      on_tensor: Callable[[str, int], None] | None = None,
+                      durable: bool | None = None, background: bool | None = None) -> None:
     """Write ``tensors`` (in the given order) atomically; lazy tensors are produced one at a time.
 
-    ``on_tensor(name, nbytes)`` is called after each tensor is written (progress reporting).
+    ``on_tensor(name, nbytes)`` is called after each tensor is handed to the writer (progress
+    reporting). ``durable`` as in :func:`~portable_lora.io.atomic.atomic_file`.
+    ``background`` writes from a second thread, overlapping production with writing (default:
+    for outputs of 32 MB or more). Then a chunk must not change once produced; pass
+    ``background=False`` for producers that reuse their buffers (each chunk is then written
+    before the next is asked for).
     """
     entries = []
     for name, value in tensors.items():
@@ -312,17 +492,36 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray 
         else:
             entries.append((name, np.asarray(value).dtype, tuple(np.shape(value))))
     header = _header_bytes(entries, metadata, path)
-    with atomic_file(path) as out:
+    total = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in entries)
+    with atomic_file(path, durable=durable) as out:
         out.write(header)
-        for (name, dtype, shape), value in zip(entries, tensors.values()):
-            array = value.produce() if isinstance(value, LazyTensor) else value
-            array = np.require(array, requirements="C")  # keeps 0-dim arrays 0-dim
-            if array.dtype != dtype or tuple(array.shape) != shape:
-                raise LoraError(f"produced {array.dtype}{list(array.shape)}, announced "
-                                f"{dtype}{list(shape)}", file=path, key=name)
-            if array.dtype.byteorder == ">":
-                array = array.astype(array.dtype.newbyteorder("<"))
-            out.write(array.reshape(-1).view(np.uint8).data if array.size else b"")
-            if on_tensor is not None:
-                on_tensor(name, array.nbytes)
-
+        sink = _Sink(out, background=total >= _BACKGROUND_MIN_BYTES if background is None else background)
+        try:
+            for (name, dtype, shape), value in zip(entries, tensors.values()):
+                expected = math.prod(shape) * dtype.itemsize
+                written = 0
+                chunked, chunks = _chunks(value)
+                for chunk in chunks:
+                    if isinstance(chunk, FileRange):
+                        size = chunk.length
+                    else:
+                        chunk = np.asarray(chunk)
+                        if chunk.dtype != dtype or (not chunked and tuple(chunk.shape) != shape):
+                            what = "a chunk of " if chunked else ""
+                            raise LoraError(f"produced {what}{chunk.dtype}{list(chunk.shape)}, announced "
+                                            f"{dtype}{list(shape)}", file=path, key=name)
+                        size = chunk.nbytes
+                        chunk = _as_bytes(chunk)
+                    written += size
+                    if written > expected:
+                        break
+                    sink.put(chunk)
+                if written != expected:
+                    raise LoraError(f"produced {written} bytes, announced {dtype}{list(shape)} "
+                                    f"({expected} bytes)", file=path, key=name)
+                if on_tensor is not None:
+                    on_tensor(name, expected)
+            sink.close()
+        except BaseException:
+            sink.close(check=False)
+            raise

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import LoraError
 from ..formats._common import read_json, refuse_pickle
-from ..io.safetensors_io import SafetensorsFile, TensorInfo
+from ..io.safetensors_io import FileRange, SafetensorsFile, TensorInfo
 
 __all__ = ["Checkpoint", "INDEX_NAME", "MODULE_PREFIXES", "match_modules"]
 
@@ -145,6 +145,14 @@ class Checkpoint:
     def get(self, name: str, *, copy: bool = True) -> np.ndarray:
         """The tensor ``name``; a read-only memory-mapped view when ``copy`` is False."""
         return self._file(self.shard_of(name)).get(name, copy=copy)
+
+    def read_into(self, name: str, buffer: Any, offset: int = 0) -> None:
+        """Fill ``buffer`` with ``name``'s bytes from ``offset`` on (no memory map)."""
+        self._file(self.shard_of(name)).read_into(name, buffer, offset)
+
+    def file_range(self, name: str) -> FileRange:
+        """``name``'s bytes in its shard, for a writer to copy file to file."""
+        return self._file(self.shard_of(name)).file_range(name)
 
     def module_names(self) -> list[str]:
         """``<module>`` for every ``<module>.weight`` tensor: the module list of the model."""
