@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 from ._version import __version__
 from .core import RULES
+from .io.atomic import durable_writes
 from .errors import LoraError
 from .formats import FORMATS
 
@@ -54,6 +55,9 @@ def _common() -> argparse.ArgumentParser:
                    help="show the traceback of an error")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                    help="no progress bars (they are shown only when stderr is a terminal)")
+    p.add_argument("--durable", action="store_true", default=argparse.SUPPRESS,
+                   help="fsync what is written, so it survives a power cut (slower; also "
+                        "PORTABLE_LORA_DURABLE=1)")
     return p
 
 
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--durable", action="store_true",
+                        help="fsync every file written (survives a power cut; slower)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("inspect", parents=[common], help="describe an adapter (and its strength on a base)",
@@ -135,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="merge even if a factor has NaN/Inf or the result overflows (refused by default)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--threads", type=_rank, metavar="N",
+                   help="worker threads for the row blocks (default: the usable cores, at most 8)")
     _add_load(p)
     _add_json(p)
     p.set_defaults(run=_merge)
@@ -260,7 +268,7 @@ def _merge(args: argparse.Namespace) -> int:
     report = ops.merge(args.base, args.adapter, args.out, strength=args.strength, dtype=args.dtype,
                        unmerge=args.unmerge, format=args.format, convention=args.convention,
                        allow_nonfinite=args.allow_nonfinite, force=args.force, progress=_progress(args),
-                       options=dict(args.load_option))
+                       options=dict(args.load_option), threads=args.threads)
     _emit(args, report)
     return EXIT_OK
 
@@ -331,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        return args.run(args)
+        with durable_writes(True if args.durable else None):
+            return args.run(args)
     except LoraError as exc:
         if args.debug:
             raise

@@ -328,3 +328,19 @@ def test_cli_import_loads_no_framework():
             "print(sorted(m for m in ('torch', 'jax', 'mlx', 'tensorflow', 'peft', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("where", ["before", "after", "absent"])
+def test_durable_flag_fsyncs_what_is_written(capsys, monkeypatch, files, where):
+    from portable_lora.io import atomic
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    monkeypatch.delenv(atomic.DURABLE_ENV, raising=False)
+    flag = {"before": ["--durable", "merge"], "after": ["merge", "--durable"], "absent": ["merge"]}[where]
+    code, _, _ = run(capsys, *flag, files["base"], files["adapter"], str(files["dir"] / "m.safetensors"),
+                     "--threads", "2")
+    assert code == 0 and (files["dir"] / "m.safetensors").exists()
+    assert (len(synced) >= 2) == (where != "absent")  # the file and its directory
+    assert not atomic.is_durable()  # the setting ends with the command

@@ -695,3 +695,31 @@ def test_overflow_in_a_worker_thread_aborts_the_write(tmp_path):
         ops.merge(tmp_path / "base.safetensors", a, tmp_path / "m.safetensors", threads=3)
     assert info.value.key == f"{name}.weight" and not (tmp_path / "m.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(16, 300), (300, 16), (3, 5), (1, 70), (70, 1), (65, 65), (0, 4)])
+def test_fast_transpose_is_the_transpose(dtype, shape):
+    from portable_lora.formats._common import transposed
+
+    x = RNG.standard_normal(shape).astype(dtype)
+    for view in (x, x[:, ::-1], np.asfortranarray(x)):
+        got = transposed(view)
+        assert got.flags.c_contiguous and got.dtype == x.dtype
+        assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(view.T).view(np.uint8))
+
+
+def test_convert_over_its_own_source_reads_mapped_views_safely(tmp_path):
+    """convert maps the source instead of copying it; writing over that same file (--force)
+    replaces it atomically, so the mapped tensors stay valid while they are written."""
+    a = small_adapter(dtype=ml_dtypes.bfloat16)
+    path = tmp_path / "a.safetensors"
+    pl.save(a, path)
+    ops.convert(path, path, to="portable", force=True)
+    again = pl.load(path)
+    assert all(np.array_equal(again[n].A, m.A) and np.array_equal(again[n].B, m.B) for n, m in a.items())
+    ops.convert(path, tmp_path / "mlx", to="mlx-lm")
+    ops.convert(tmp_path / "mlx", tmp_path / "mlx", to="mlx-lm", force=True)
+    back = pl.formats.load(tmp_path / "mlx")
+    for name, m in a.items():
+        assert np.array_equal(back[name].A, m.A) and np.array_equal(back[name].B, m.B)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -41,9 +42,9 @@ from .. import core
 from ..adapter import Adapter, LoraModule
 from ..errors import LoraError
 from ..io.atomic import atomic_directory
-from ..io.safetensors_io import SafetensorsFile, write_safetensors
+from ..io.safetensors_io import LazyTensor, SafetensorsFile, write_safetensors
 from ._common import (check_replaceable, convention_provenance, module_from, read_json, read_tensors,
-                      require, to_uniform)
+                      require, to_uniform, transposed)
 
 __all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "ENTRY", "EMBEDDING_NAMES", "detect", "load", "save"]
 
@@ -241,8 +242,8 @@ def load_layout(config_path: Path, weights_path: Path, *, fmt: str, convention: 
                             f"{'has' if magnitude is not None else 'has no'} DoRA magnitude 'm'",
                             file=weights_path, key=name)
         # the format stores the transposes: A = lora_aᵀ (r, in), B = lora_bᵀ (out, r)
-        A = np.ascontiguousarray(lora_a.T)
-        B = np.ascontiguousarray(lora_b.T)
+        A = transposed(lora_a)
+        B = transposed(lora_b)
         kind = "embedding" if name in embeddings else "linear"
         modules[name] = module_from(A, B, alpha=scale, rule=rule, kind=kind, magnitude=magnitude,
                                     name=name, file=weights_path)
@@ -352,10 +353,12 @@ def save_layout(adapter: Adapter, path: Path, *, fmt: str, keys: list[str] | Non
                         f"not DoRA while others are: {mixed}", file=path)
     use_dora = dora.pop()
     factors, rank, global_scale = to_uniform(adapter, scale=scale, file=path)
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, np.ndarray | LazyTensor] = {}
     for name, (A, B) in factors.items():
-        tensors[f"{name}.lora_a"] = np.ascontiguousarray(A.T)  # (in, r)
-        tensors[f"{name}.lora_b"] = np.ascontiguousarray(B.T)  # (r, out)
+        # transposed as the writer reaches them: one factor's copy alive at a time, whose
+        # freed memory the next reuses (fresh pages for all of them cost a fault each)
+        tensors[f"{name}.lora_a"] = LazyTensor(A.dtype, A.shape[::-1], partial(transposed, A))  # (in, r)
+        tensors[f"{name}.lora_b"] = LazyTensor(B.dtype, B.shape[::-1], partial(transposed, B))  # (r, out)
         if adapter[name].magnitude is not None:
             tensors[f"{name}.m"] = adapter[name].magnitude
     entry = {

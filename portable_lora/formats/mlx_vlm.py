@@ -31,7 +31,7 @@ import numpy as np
 from .. import core
 from ..adapter import Adapter
 from ..errors import LoraError
-from ._common import convention_provenance, module_from, read_json, require
+from ._common import convention_provenance, module_from, read_json, require, transposed
 from .mlx_lm import (CONFIG_NAME, VLM_TOP_LEVEL, find_files, flavour, load_layout, read_mlx_tensors,
                      save_layout, sniff)
 
@@ -101,7 +101,7 @@ def _load_legacy(config_path: Path, weights_path: Path, convention: str | None) 
                             f"(expected (in, {rank}) and ({rank}, out))", file=weights_path,
                             key=f"{name}.A")
         # LoRaLayer computes (x @ A) @ B: A is (in, r) = our Aᵀ, B is (r, out) = our Bᵀ
-        adapter[name] = module_from(np.ascontiguousarray(a.T), np.ascontiguousarray(b.T),
+        adapter[name] = module_from(transposed(a), transposed(b),
                                     alpha=alpha, rule=rule, name=name, file=weights_path)
     return adapter
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .. import formats
+from ..formats._common import mapped_reads
 from ..errors import LoraError
 from ._checkpoint import Checkpoint
 from ._util import check_output, collect_warnings, human_bytes, load_adapter, path_bytes, source_name
@@ -70,7 +71,7 @@ def convert(src: Any, dst: str | os.PathLike, *, to: str, from_format: str | Non
             convention: str | None = None, modules_from: str | os.PathLike | None = None,
             force: bool = False, check: bool = False, load_options: Mapping[str, Any] | None = None,
             save_options: Mapping[str, Any] | None = None, strip_prefix: str | None = None,
-            add_prefix: str | None = None) -> ConvertReport:
+            add_prefix: str | None = None, durable: bool | None = None) -> ConvertReport:
     """Convert ``src`` (a path in any format, or an Adapter) to format ``to`` at ``dst``.
 
     ``modules_from``: a checkpoint whose ``<module>.weight`` keys list the model's modules,
@@ -78,6 +79,7 @@ def convert(src: Any, dst: str | os.PathLike, *, to: str, from_format: str | Non
     back and compares ΔW with the source (:func:`verify`). ``strip_prefix`` / ``add_prefix``
     rename every module (mlx-vlm wants ``language_model.``, kohya and diffusers a component such
     as ``unet.`` or ``text_encoder.``); a name without the prefix to strip is an error.
+    ``durable`` fsyncs the output (see :mod:`portable_lora.io.atomic`).
 
     >>> convert("adapter_peft", "adapter_mlx", to="mlx-lm", check=True).ok  # doctest: +SKIP
     True
@@ -90,10 +92,11 @@ def convert(src: Any, dst: str | os.PathLike, *, to: str, from_format: str | Non
         if modules_from is not None:
             with Checkpoint(modules_from) as ckpt:
                 opts["modules"] = ckpt.module_names()
-        adapter = load_adapter(src, format=from_format, convention=convention, options=opts)
-        if strip_prefix or add_prefix:
-            adapter = adapter.rename(lambda name: (add_prefix or "") + _strip(name, strip_prefix))
-        formats.save(adapter, out, format=to, overwrite=force, **dict(save_options or {}))
+        with mapped_reads():  # the tensors are written out at once: no copies of them
+            adapter = load_adapter(src, format=from_format, convention=convention, options=opts)
+            if strip_prefix or add_prefix:
+                adapter = adapter.rename(lambda name: (add_prefix or "") + _strip(name, strip_prefix))
+            formats.save(adapter, out, format=to, overwrite=force, durable=durable, **dict(save_options or {}))
         verified = None
         if check:
             verified = verify(adapter, out, format_b=to, modules=list(adapter))
