@@ -7,9 +7,10 @@ Two things the standard cannot say:
   the scale as their ``alpha``), a speed path only: the plain array-API expression
   ``base + (a · scale) @ b`` is the fallback and gives the same result up to rounding;
 * ``add_matmul_``: the same, written into ``base`` in place: one pass over ``base``, the
-  merge fast path (torch: ``addmm_`` for float32/float64; for 16-bit weights the product in
-  float32 by row blocks, added with one rounding). The fallback is the out-of-place result,
-  which the caller copies.
+  merge fast path (torch: ``addmm_`` for float32/float64; for 16-bit weights on CUDA a fused
+  Triton kernel where triton imports (``_triton_merge``: one read and one write of ``base``),
+  else the product in float32 by row blocks, added with one rounding). The fallback is the
+  out-of-place result, which the caller copies.
 
 Each entry maps a namespace family (see :func:`namespace_family`) to a function. A family not
 in the table uses the fallback. Nothing here imports a framework at import time.
@@ -88,6 +89,13 @@ def _torch_add_matmul_widened_(base, a, b, scale):
     # addmm_ reaches 0.65x, wrongly). CPU: widen the block into a reused buffer, addmm_ there,
     # copy back (a mixed-dtype add_ measured 2x slower there).
     if not base.is_cpu:
+        # CUDA with triton: one fused kernel, the same arithmetic (exact products, float32
+        # sums, one round-to-nearest-even) with one read and one write of base (~copy speed).
+        # Without triton, or where the kernel cannot run, the two-launch path below.
+        from . import _triton_merge
+
+        if _triton_merge.try_fused_add_matmul_(base, a, b, scale):
+            return base
         rows = max(1, _WIDE_BLOCK_BYTES_GPU // (4 * max(1, base.shape[1])))
         for start in range(0, base.shape[0], rows):
             stop = min(start + rows, base.shape[0])
