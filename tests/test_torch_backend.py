@@ -518,6 +518,29 @@ def test_cuda_forward_and_merge():
             assert_close(npy(got), npy(want), "float32", what="cuda merged")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bulk_upload_merge_of_mixed_factor_dtypes_and_unmerge():
+    """The factors of every layer go up in one pinned copy, sliced per factor (odd sizes,
+    bf16 and float32 and DoRA magnitudes side by side): the merge equals the CPU one and
+    unmerge restores the weights to within one rounding."""
+    shapes = {"a": (37, 29), "b": (64, 64), "c": (5, 300)}
+    model = nn.ModuleDict({n: nn.Linear(i, o, bias=False) for n, (o, i) in shapes.items()}).to(torch.bfloat16)
+    modules = {}
+    for i, (n, shape) in enumerate(shapes.items()):
+        dtype = (ml_dtypes.bfloat16, np.float32, ml_dtypes.bfloat16)[i]
+        modules[n] = examples.random_adapter({n: shape}, rank=3 + i, dtype=dtype, seed=i, dora=i == 2)[n]
+    adapter = Adapter(modules)
+    cpu = copy.deepcopy(model)
+    gpu = copy.deepcopy(model).cuda()
+    plt.merge(cpu, adapter)
+    plt.merge(gpu, adapter)
+    for n in shapes:
+        assert_close(npy(gpu[n].weight.float()), npy(cpu[n].weight.float()), "bfloat16", what=n)
+    plt.unmerge(gpu, adapter)
+    for n in shapes:
+        assert_close(npy(gpu[n].weight.float()), npy(model[n].weight.float()), "bfloat16", what=f"{n} unmerged")
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 
 def test_unmatched_modules_are_all_listed():

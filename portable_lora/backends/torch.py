@@ -476,11 +476,58 @@ def _upload(array: Any, device: torch.device) -> torch.Tensor:
     return to_torch(array).to(device, non_blocking=True)
 
 
-def _merge_inputs(name: str, layer: nn.Module, module: LoraModule):
-    weight = layer.weight
-    factors = [_upload(module.A, weight.device), _upload(module.B, weight.device)]
-    magnitude = None if module.magnitude is None else _upload(module.magnitude, weight.device)
-    return weight, factors, magnitude, _is_transformers_conv1d(layer)
+_UPLOAD_ALIGN = 256  # bytes: every factor's slice of the bulk upload starts aligned
+
+
+def _upload_all(layers: dict[str, nn.Module], adapter: Adapter) -> dict[str, tuple]:
+    """Every layer's (A, B, magnitude) on its weight's device.
+
+    To a CUDA device the factors go in one copy per device: packed into one pinned host
+    buffer (one host memcpy each), uploaded with one asynchronous copy, and sliced there. One
+    pageable copy per factor instead (two per layer) cost more host time than the merge's
+    kernels on an H100 host (8B model: 448 uploads, ~35 ms, against ~10 ms of kernels).
+    Elsewhere each factor is converted on its own.
+    """
+    out: dict[str, tuple] = {}
+    packed: dict[torch.device, list[tuple[str, int, np.ndarray]]] = {}
+    for name, layer in layers.items():
+        module = adapter[name]
+        device = layer.weight.device
+        arrays = [module.A, module.B] + ([] if module.magnitude is None else [module.magnitude])
+        if device.type != "cuda":
+            out[name] = tuple(_upload(a, device) for a in arrays) + ((None,) if module.magnitude is None else ())
+            continue
+        for i, a in enumerate(arrays):
+            packed.setdefault(device, []).append((name, i, np.ascontiguousarray(a)))
+    for device, items in packed.items():
+        offsets, total = [], 0
+        for _, _, a in items:
+            offsets.append(total)
+            total += -(-a.nbytes // _UPLOAD_ALIGN) * _UPLOAD_ALIGN
+        host = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=True)
+        staging = host.numpy()
+        for (_, _, a), offset in zip(items, offsets):
+            staging[offset:offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+        # the caching host allocator keeps ``host`` until this copy has run, even once freed
+        flat = host.to(device, non_blocking=True)
+        slots: dict[str, list] = {}
+        for (name, i, a), offset in zip(items, offsets):
+            tensor = flat[offset:offset + a.nbytes].view(_torch_dtype(a.dtype)).view(a.shape)
+            slots.setdefault(name, [None, None, None])[i] = tensor
+        for name, (A, B, magnitude) in slots.items():
+            out[name] = (A, B, magnitude)
+    return out
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    if dtype == ml_dtypes.bfloat16:
+        return torch.bfloat16
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def _merge_inputs(layer: nn.Module, uploaded: tuple):
+    A, B, magnitude = uploaded
+    return layer.weight, [A, B], magnitude, _is_transformers_conv1d(layer)
 
 
 def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Module:
@@ -496,10 +543,11 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Mo
     for name, layer in layers.items():
         _dispatch(name, layer, adapter[name])
     with torch.no_grad():
+        uploaded = _upload_all(layers, adapter)
         for name, layer in layers.items():
             module = adapter[name]
             scale = module.scale * strength
-            weight, (A, B), magnitude, transposed = _merge_inputs(name, layer, module)
+            weight, (A, B), magnitude, transposed = _merge_inputs(layer, uploaded.pop(name))
             norm = None
             if magnitude is not None:
                 norm = core.dora_weight_norm(weight, A, B, scale, module.kind, transposed=transposed)
@@ -527,10 +575,11 @@ def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
                             f"{'DoRA' if record.weight_norm is not None else 'LoRA'}, the adapter has a "
                             f"rank {module.rank} {'DoRA' if module.is_dora else 'LoRA'}", key=name)
     with torch.no_grad():
+        uploaded = _upload_all(layers, adapter)
         for name, layer in layers.items():
             module = adapter[name]
             record = layer.__dict__[_MERGES_ATTR].pop()
-            weight, (A, B), magnitude, transposed = _merge_inputs(name, layer, module)
+            weight, (A, B), magnitude, transposed = _merge_inputs(layer, uploaded.pop(name))
             original = core.unmerge_from(weight, A, B, record.scale, module.kind, magnitude=magnitude,
                                          weight_norm=record.weight_norm, transposed=transposed, inplace=True)
             if original is not weight:
