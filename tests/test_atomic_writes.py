@@ -180,6 +180,21 @@ def test_durable_writes_fsync_file_and_directory(tmp_path, monkeypatch, how):
     assert pl.load(tmp_path / "a.safetensors") is not None and (tmp_path / "d" / "x.bin").read_bytes() == b"x"
 
 
+def test_background_writer_failure_reaches_the_caller(tmp_path, fail_after):
+    """ENOSPC inside the writer thread: raised to the producer, naming the target; old file kept."""
+    from portable_lora.io.safetensors_io import LazyTensor, write_safetensors
+
+    big = np.arange(3000, dtype=np.float32).reshape(100, 30)
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(OLD)
+    fail_after(20000, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    lazy = LazyTensor(np.dtype(np.float32), (100, 30), lambda: (big[i:i + 10] for i in range(0, 100, 10)))
+    with pytest.raises(OSError) as info:
+        write_safetensors(path, {f"t{i}": lazy for i in range(10)}, background=True)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_bytes() == OLD and temporaries(tmp_path) == []
+
+
 def test_cannot_create_the_temporary(tmp_path, monkeypatch):
     """EACCES at creation (what an unwritable directory gives a non-root user), simulated."""
     target = tmp_path / "adapter.safetensors"
