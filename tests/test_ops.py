@@ -725,3 +725,40 @@ def test_convert_over_its_own_source_reads_mapped_views_safely(tmp_path):
     for name, m in first.items():
         assert np.array_equal(back[name].A, m.A) and np.array_equal(back[name].B, m.B)
         assert back[name].scale == m.scale
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_merge_threads_work_in_a_forked_child(tmp_path, monkeypatch):
+    """The worker pool is per process: a child forked after a threaded merge starts its own
+    (the parent's pool threads do not exist in the child; using them would hang)."""
+    import os
+
+    a = small_adapter(dtype=ml_dtypes.bfloat16)
+    weights = {k: v.astype(ml_dtypes.bfloat16) for k, v in base_weights(a).items()}
+    write_safetensors(tmp_path / "base.safetensors", weights)
+    monkeypatch.setattr(ops._merge, "_BLOCK_BYTES", 64)  # many blocks a tensor: the pool runs
+    ops.merge(tmp_path / "base.safetensors", a, tmp_path / "parent.safetensors", threads=2)
+    assert ops._merge._POOLS  # the parent's pool exists when the child is forked
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 1
+        try:
+            ops.merge(tmp_path / "base.safetensors", a, tmp_path / "child.safetensors", threads=2)
+            code = 0
+        finally:
+            os._exit(code)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:  # a hung child (the bug this guards against) fails the test instead of hanging it
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's threaded merge hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "child.safetensors").read_bytes() == (tmp_path / "parent.safetensors").read_bytes()

@@ -72,7 +72,7 @@ def _overflow_bound(target: np.dtype) -> float | None:
 def merge_blocks(read_rows: Callable[[int, int, np.ndarray], None], shape: tuple[int, ...], dtype: Any,
                  module: LoraModule, scale: float, *, out_dtype: Any = None, unmerge: bool = False,
                  allow_nonfinite: bool = False, name: str = "", transposed: bool = False,
-                 block_bytes: int = _BLOCK_BYTES, threads: int = 1) -> Iterator[np.ndarray]:
+                 block_bytes: int | None = None, threads: int = 1) -> Iterator[np.ndarray]:
     """The merged weight as row blocks of ``out_dtype``, reading ``W`` by rows.
 
     Each yielded block is valid until the next one is asked for (buffers are reused): copy or
@@ -89,6 +89,7 @@ def merge_blocks(read_rows: Callable[[int, int, np.ndarray], None], shape: tuple
     """
     src = np.dtype(dtype)
     target = np.dtype(out_dtype) if out_dtype is not None else src
+    block_bytes = _BLOCK_BYTES if block_bytes is None else block_bytes
     if unmerge and module.magnitude is not None:
         raise LoraError("unmerging DoRA needs the weight norm from before the merge, which no "
                         "adapter file stores", key=name)
@@ -222,6 +223,8 @@ class _FreeList:
 _OUTPUT = _FreeList()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -277,7 +280,7 @@ def _checked(block: np.ndarray, wide: np.ndarray, target: np.dtype, allow_nonfin
 
 def merge_tensor(W: np.ndarray, module: LoraModule, scale: float, *, out_dtype: Any = None,
                  unmerge: bool = False, allow_nonfinite: bool = False, name: str = "",
-                 transposed: bool = False, block_bytes: int = _BLOCK_BYTES) -> np.ndarray:
+                 transposed: bool = False, block_bytes: int | None = None) -> np.ndarray:
     """``W`` with ``module`` merged (or unmerged) at ``scale``, computed in row blocks
     (:func:`merge_blocks`), as one array."""
     target = np.dtype(out_dtype) if out_dtype is not None else W.dtype
