@@ -14,10 +14,8 @@ installs it: there a missing triton fails the run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-TRITON_EXPECTED = (os.environ.get("PORTABLE_LORA_REQUIRE_BACKENDS", "").strip() == "all"
-                   and platform.system() == "Linux" and platform.machine() == "x86_64")
+from triton_worker import HAVE_TRITON, measure_cases, run_interpreted  # noqa: E402
 
 # (name, W dtype, factor dtype ("base": W's), M, N, K, scale, layout of W)
 CASES = []
@@ -203,30 +199,13 @@ def _interpreter_worker() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
     import torch
 
-    results = {}
-    for case in CASES:
-        try:
-            results[case[0]] = measure(torch, case, "cpu")
-        except Exception as exc:  # reported per case, not as one crash
-            results[case[0]] = {"error": repr(exc)}
+    results = measure_cases(measure, CASES, torch)
     print("RESULTS " + json.dumps(results))
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if not HAVE_TRITON:
-        if TRITON_EXPECTED:
-            pytest.fail("triton is not installed, and this run requires every backend "
-                        "(pip install -e '.[dev]' -c constraints-dev.txt installs it)")
-        pytest.skip("triton is not installed (the dev extra installs it on Linux x86_64)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    env.pop("PORTABLE_LORA_TRITON", None)
-    proc = subprocess.run([sys.executable, __file__, "--interpret-worker"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=NAMES)

@@ -92,6 +92,11 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 # looking it up on every call (a few µs each, and a call dynamo cannot trace on nn.Parameter)
 _XP = _namespace.array_namespace(torch.empty(0))
 
+# the core's fused LoRA linear forward for torch (capabilities.linear_lora), resolved once:
+# called with (x, W, A, B, scale, bias), it returns the layer's output, or None where it does
+# not apply (then the unfused path runs)
+_LINEAR_LORA = core.capabilities.resolve("linear_lora", _XP)
+
 # the process-wide module hooks nn.Module.__call__ honours (dicts, mutated in place)
 _GLOBAL_HOOKS = tuple(getattr(nn.modules.module, name, {}) for name in (
     "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -217,7 +222,14 @@ class LoraLinear(LoraLayer):
             if magnitude is None:
                 if _runs_plain_linear(base):
                     weights = base._parameters
-                    base_out = F.linear(x, weights["weight"], weights["bias"])
+                    weight, bias = weights["weight"], weights["bias"]
+                    if _LINEAR_LORA is not None:
+                        # the whole layer in one fused call where it applies (16-bit CUDA
+                        # inference: one kernel launch), else None and the unfused ops below
+                        out = _LINEAR_LORA(x, weight, A, B, self.scale, bias)
+                        if out is not None:
+                            return out
+                    base_out = F.linear(x, weight, bias)
                 else:
                     base_out = base(x)
                 return core.add_lora_output(base_out, x, A, B, self.scale, xp=_XP)

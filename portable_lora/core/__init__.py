@@ -1,6 +1,7 @@
 """The math core: every LoRA formula, written once against the Python array API standard."""
 
-from .capabilities import CAPABILITIES, add_matmul, add_matmul_, fused_available, stop_gradient
+from .capabilities import (CAPABILITIES, add_matmul, add_matmul_, fused_available, linear_lora,
+                           stop_gradient)
 from .lora import (KINDS, accumulation_dtype, add_lora_output, delta_weight, dora_factor,
                    dora_forward, dora_weight_norm, embedding_lora_output, linear_forward,
                    lora_output, merge_into, unmerge_from)
@@ -10,7 +11,7 @@ from .scale import (ALPHA_OVER_RANK, ALPHA_OVER_SQRT_RANK, RAW, RULES, alpha_for
                     check_alpha, check_rank, check_rule, effective_scale)
 
 __all__ = [
-    "CAPABILITIES", "add_matmul", "add_matmul_", "fused_available", "stop_gradient",
+    "CAPABILITIES", "add_matmul", "add_matmul_", "fused_available", "linear_lora", "stop_gradient",
     "KINDS", "accumulation_dtype", "add_lora_output", "delta_weight", "dora_factor", "dora_forward",
     "dora_weight_norm", "embedding_lora_output", "linear_forward", "lora_output", "merge_into",
     "unmerge_from", "LowRank", "low_rank", "pad_rank", "resize_rank", "array_namespace",

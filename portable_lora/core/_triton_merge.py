@@ -19,7 +19,9 @@ K (the rank) is any size ≥ 1: one block of 16, 32 or 64 up to rank 64, else un
 of 64 (of 16 for float32 factors), the tail masked to zeros. ``W`` may be any 2-D strided view without internal overlap (a row slice, a
 transpose: a column-major ``W`` is merged as ``Wᵀ += scale · bᵀ @ aᵀ`` so its tiles stay
 coalesced); offsets are 64-bit. Nothing here imports torch or triton at import time: the
-first :func:`available` call imports triton (once; the result is cached).
+first :func:`available` call imports triton (once; the result is cached). The import, the
+switches and the low-overhead launch of the compiled kernel are ``_triton_launch``'s, shared
+with the fused linear forward (``_triton_linear``).
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernel also runs on CPU
 tensors through Triton's interpreter, for tests. Two interpreter gaps are worked around there
@@ -30,8 +32,9 @@ float32 -> bfloat16 cast truncates (so the round-to-nearest-even is done with in
 
 from __future__ import annotations
 
-import os
 from typing import Any
+
+from . import _triton_launch
 
 __all__ = ["available", "supports", "fused_add_matmul_", "try_fused_add_matmul_", "config_for"]
 
@@ -64,14 +67,8 @@ def config_for(k: int, factors_16bit: bool) -> dict:
 
 _STATE: dict[str, Any] = {}  # "triton": module or False; "kernel": the jitted kernel
 
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _disabled_env() -> bool:
-    # escape hatch (and the tests' way to reach the plain path): PORTABLE_LORA_TRITON=0
-    return os.environ.get("PORTABLE_LORA_TRITON", "1") == "0"
+_interpret_env = _triton_launch.interpret_env
+_disabled_env = _triton_launch.disabled_env
 
 
 def _load():
@@ -79,37 +76,21 @@ def _load():
     if "kernel" in _STATE:
         return _STATE["kernel"]
     global tl
-    try:
-        import triton
-        import triton.language as _tl
-    except Exception:  # not installed, or a broken install: the plain path takes over
+    triton = _triton_launch.load()
+    if triton is None:  # not installed, or a broken install: the plain path takes over
         _STATE["kernel"] = None
         return None
     import torch
 
-    tl = _tl
+    tl = triton.language
     _STATE["triton"] = triton
     _STATE["torch"] = torch
     _STATE["bf16"] = torch.bfloat16
-    _STATE["interpreted"] = interpreted = _interpret_env()  # fixed when the kernel is built
-    # the direct launch of a compiled kernel (see _launch): only where its calling
-    # convention is the one read here, and never under the interpreter
-    _STATE["fast"] = None
-    if not interpreted and triton.__version__.split(".")[:2] == ["3", "6"]:
-        try:
-            from triton import knobs
-            from triton.compiler import CompiledKernel
-
-            _STATE.update(fast={}, knobs=knobs, compiled_type=CompiledKernel)
-        except Exception:  # noqa: BLE001 - the ordinary launch
-            _STATE["fast"] = None
-    # the constexpr annotations are strings until triton is here (no import at module load);
-    # the JIT accepts them, the interpreter compares with the real object: give it that
-    fn = _add_matmul_kernel
-    fn.__annotations__ = {name: _tl.constexpr for name, ty in fn.__annotations__.items()
-                          if "constexpr" in str(ty)}
-    _STATE["kernel"] = triton.jit(fn)
-    return _STATE["kernel"]
+    _STATE["interpreted"] = _triton_launch.interpreted()  # fixed when triton was loaded
+    kernel = _triton_launch.jit(_add_matmul_kernel)
+    _STATE["launcher"] = _triton_launch.Launcher(kernel, _NAMES)
+    _STATE["kernel"] = kernel
+    return kernel
 
 
 def available(base: Any) -> bool:
@@ -224,11 +205,6 @@ def try_fused_add_matmul_(base: Any, a: Any, b: Any, scale: float) -> bool:
     return True
 
 
-def _hooked(hook) -> bool:
-    # a launch hook someone installed (a profiler): triton's own launch path calls it
-    return hook is not None and bool(getattr(hook, "calls", True))  # 3.6: an empty HookChain
-
-
 _NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_K", "WIDEN", "RTNE_BF16_BY_HAND")
 
 
@@ -256,36 +232,13 @@ def _launch(kernel, base, a, b, scale, config, layout) -> None:
     constexprs = (block_m, block_n, block_k, (k + block_k - 1) // block_k,
                   interpreted or not factors_16bit,  # WIDEN
                   interpreted and w.dtype == _STATE["bf16"])  # RTNE_BF16_BY_HAND
-    num_warps, num_stages = cfg["num_warps"], cfg["num_stages"]
-    fast = _STATE["fast"]
-    if fast is None:
-        kernel[grid](*args, **dict(zip(_NAMES, constexprs)), num_warps=num_warps, num_stages=num_stages)
-        return
-    device = w.device.index
-    torch = _STATE["torch"]
-    if device != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            return _launch(kernel, base, a, b, scale, config, layout)
-    # Triton's own launch re-derives the kernel's specialisation from every argument on each
-    # call (~30 us of host time on an H100's host, more than the kernel takes for a
-    # 4096 x 4096 weight). Here the compiled kernel is kept under that same specialisation,
-    # computed directly: per pointer its dtype and 16-byte alignment, per integer whether it
-    # is 1 (baked in), a multiple of 16, or beyond 32 bits (i64); and it is launched as
-    # triton.runtime.jit launches it (triton 3.6; other versions take the ordinary launch).
-    key = (device, constexprs, num_warps, num_stages, w.dtype, a.dtype, b.dtype,
+    # the direct launch's key (see _triton_launch): everything triton specialises on
+    int_class = _triton_launch.int_class
+    key = (constexprs, cfg["num_warps"], cfg["num_stages"], w.dtype, a.dtype, b.dtype,
            w.data_ptr() % 16 == 0, a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0,
-           *[1 if v == 1 else (v % 16 == 0) + 2 * (v >= 0x80000000) + 4 for v in args[3:12]])
-    compiled = fast.get(key)
-    runtime = _STATE["knobs"].runtime
-    if compiled is None or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
-        compiled = kernel[grid](*args, **dict(zip(_NAMES, constexprs)), num_warps=num_warps, num_stages=num_stages)
-        if isinstance(compiled, _STATE["compiled_type"]):
-            if "stream" not in _STATE:  # triton's own: torch's current raw stream
-                _STATE["stream"] = _STATE["triton"].runtime.driver.active.get_current_stream
-            fast[key] = compiled
-        return
-    compiled.run(grid[0], 1, 1, _STATE["stream"](device), compiled.function, compiled.packed_metadata,
-                 None, None, None, *args, *constexprs)
+           *[int_class(v) for v in args[3:12]])
+    _STATE["launcher"](grid, args, constexprs, cfg["num_warps"], cfg["num_stages"], key,
+                       None if interpreted else w.device.index)
 
 
 tl: Any = None  # triton.language, bound by _load() before the kernel is jitted

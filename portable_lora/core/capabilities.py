@@ -11,6 +11,11 @@ Two things the standard cannot say:
   Triton kernel where triton imports (``_triton_merge``: one read and one write of ``base``),
   else the product in float32 by row blocks, added with one rounding). The fallback is the
   out-of-place result, which the caller copies.
+* ``linear_lora``: the whole LoRA linear forward ``x @ Wᵀ + bias + scale · (x @ Aᵀ) @ Bᵀ``
+  in one call, inference only (torch: a fused Triton kernel, ``_triton_linear``, for 16-bit
+  CUDA tensors with no autograd to record, outside ``torch.compile`` tracing, up to
+  ``_triton_linear.MAX_TOKENS`` tokens). It returns ``None`` wherever it does not apply, and
+  the caller takes the plain path: ``x @ Wᵀ (+ bias)`` then :func:`add_matmul`.
 
 Each entry maps a namespace family (see :func:`namespace_family`) to a function. A family not
 in the table uses the fallback. Nothing here imports a framework at import time.
@@ -20,9 +25,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from . import _triton_linear
 from .namespace import namespace_family
 
-__all__ = ["stop_gradient", "add_matmul", "add_matmul_", "CAPABILITIES", "fused_available"]
+__all__ = ["stop_gradient", "add_matmul", "add_matmul_", "linear_lora", "CAPABILITIES",
+           "fused_available", "resolve"]
 
 
 def _torch_stop_gradient(x):
@@ -151,11 +158,22 @@ CAPABILITIES: dict[str, dict[str, Callable[..., Any]]] = {
     "add_matmul_": {
         "torch": _torch_add_matmul_,
     },
+    "linear_lora": {
+        # (x, W, A, B, scale, bias) -> y or None: the kernel's own tests decide, cheapest
+        # first, and it declines under torch.compile tracing (no graph break)
+        "torch": _triton_linear.try_lora_linear,
+    },
 }
 
 
 def _lookup(capability: str, xp: Any):
     return CAPABILITIES[capability].get(namespace_family(xp))
+
+
+def resolve(capability: str, xp: Any) -> Callable[..., Any] | None:
+    """``xp``'s native implementation of ``capability``, or ``None``: for hot paths that
+    resolve it once (a layer's forward) instead of on every call."""
+    return _lookup(capability, xp)
 
 
 def fused_available(capability: str, xp: Any) -> bool:
@@ -194,3 +212,12 @@ def add_matmul_(xp: Any, base: Any, a: Any, b: Any, *, scale: float = 1.0, fused
     """
     fn = _lookup("add_matmul_", xp) if fused else None
     return None if fn is None else fn(base, a, b, scale)
+
+
+def linear_lora(xp: Any, x: Any, W: Any, A: Any, B: Any, *, scale: float = 1.0, bias: Any = None,
+                fused: bool = True) -> Any:
+    """``x @ Wᵀ + bias + scale · (x @ Aᵀ) @ Bᵀ`` in one fused call where the framework has one
+    that takes these operands (see the module docstring), else ``None``: the caller then takes
+    the plain path (:func:`portable_lora.core.linear_forward` does both)."""
+    fn = _lookup("linear_lora", xp) if fused else None
+    return None if fn is None else fn(x, W, A, B, float(scale), bias)

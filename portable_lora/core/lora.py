@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .capabilities import add_matmul, add_matmul_, stop_gradient
+from .capabilities import add_matmul, add_matmul_, linear_lora, stop_gradient
 from .namespace import array_namespace
 
 __all__ = ["KINDS", "accumulation_dtype", "delta_weight", "lora_output", "add_lora_output",
@@ -83,7 +83,17 @@ def add_lora_output(base_out: Any, x: Any, A: Any, B: Any, scale: float, *, fuse
 
 def linear_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *,
                    fused: bool = True, xp: Any = None) -> Any:
-    """``x @ Wᵀ + bias + scale · (x @ Aᵀ) @ Bᵀ`` with W (out, in)."""
+    """``x @ Wᵀ + bias + scale · (x @ Aᵀ) @ Bᵀ`` with W (out, in).
+
+    ``fused``: one fused call where the framework has one for these operands (torch: a Triton
+    kernel for 16-bit CUDA inference, see ``capabilities.linear_lora``), else the base product
+    then :func:`add_lora_output`.
+    """
+    xp = array_namespace(x, W) if xp is None else xp
+    if fused:
+        out = linear_lora(xp, x, W, A, B, scale=scale, bias=bias)
+        if out is not None:
+            return out
     base = x @ W.T
     if bias is not None:
         base = base + bias
