@@ -53,6 +53,23 @@ def test_add_matmul_fused_equals_plain(backend, dtype, shape):
     assert_close(backend.back(fused), backend.back(plain), dtype, what="fused vs plain")
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_add_matmul_overwrite_equals_plain(backend, dtype, shape):
+    """``overwrite=True``: the same values; torch writes them into the caller's temporary."""
+    lead, n, m = SHAPES[shape]
+    base, a, b = rand(*lead, n, m), rand(*lead, n, 4), rand(4, m)
+    t = backend.to
+    plain = capabilities.add_matmul(backend.xp, t(base, dtype), t(a, dtype), t(b, dtype), scale=0.75,
+                                    fused=False)
+    temporary = t(base, dtype)
+    got = capabilities.add_matmul(backend.xp, temporary, t(a, dtype), t(b, dtype), scale=0.75, overwrite=True)
+    assert tuple(got.shape) == (*lead, n, m) and got.dtype == plain.dtype
+    assert_close(backend.back(got), backend.back(plain), dtype, what="overwrite vs plain")
+    if backend.name == "torch":
+        assert got.data_ptr() == temporary.data_ptr()  # no new output: the sum went into base
+
+
 @pytest.mark.parametrize("backend,dtype", PARAMS)
 def test_add_lora_output_fused_equals_plain(backend, dtype):
     x, base, A, B = rand(2, 3, 12), rand(2, 3, 10), rand(4, 12), rand(10, 4)

@@ -229,10 +229,10 @@ class LoraLinear(LoraLayer):
                         out = _LINEAR_LORA(x, weight, A, B, self.scale, bias)
                         if out is not None:
                             return out
-                    base_out = F.linear(x, weight, bias)
-                else:
-                    base_out = base(x)
-                return core.add_lora_output(base_out, x, A, B, self.scale, xp=_XP)
+                    # F.linear's output is ours alone: the LoRA term may be added into it
+                    return core.add_lora_output(F.linear(x, weight, bias), x, A, B, self.scale, xp=_XP,
+                                                overwrite=True)
+                return core.add_lora_output(base(x), x, A, B, self.scale, xp=_XP)
             return core.dora_forward(x, self.weight_oi(), A, B, self.scale, magnitude, base.bias, xp=_XP)
         return super().forward(x)
 

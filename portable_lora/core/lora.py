@@ -70,15 +70,17 @@ def lora_output(x: Any, A: Any, B: Any, scale: float) -> Any:
 
 
 def add_lora_output(base_out: Any, x: Any, A: Any, B: Any, scale: float, *, fused: bool = True,
-                    xp: Any = None) -> Any:
+                    xp: Any = None, overwrite: bool = False) -> Any:
     """``base_out + scale · (x @ Aᵀ) @ Bᵀ``; uses a fused add-matmul where the framework has one.
 
     The plain path scales the rank-sized intermediate, as :func:`lora_output` does; the fused
     path (``torch.addmm``, ``mx.addmm``) passes the scale as the product's ``alpha``, one
     kernel less. ``xp``: the namespace, when the caller resolved it once already (hot paths).
+    ``overwrite``: ``base_out`` is the caller's temporary, which the fused path may write the
+    sum into (see :func:`~portable_lora.core.capabilities.add_matmul`).
     """
     xp = array_namespace(base_out, x) if xp is None else xp
-    return add_matmul(xp, base_out, x @ A.T, B.T, scale=float(scale), fused=fused)
+    return add_matmul(xp, base_out, x @ A.T, B.T, scale=float(scale), fused=fused, overwrite=overwrite)
 
 
 def linear_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, *,
