@@ -728,6 +728,7 @@ def test_convert_over_its_own_source_reads_mapped_views_safely(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's threads: the child uses only NumPy
 def test_merge_threads_work_in_a_forked_child(tmp_path, monkeypatch):
     """The worker pool is per process: a child forked after a threaded merge starts its own
     (the parent's pool threads do not exist in the child; using them would hang)."""
