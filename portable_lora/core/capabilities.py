@@ -210,7 +210,7 @@ def add_matmul(xp: Any, base: Any, a: Any, b: Any, *, scale: float = 1.0, fused:
     fn = _lookup("add_matmul", xp) if fused else None
     if fn is None:
         return base + (a * scale if scale != 1.0 else a) @ b
-    return fn(base, a, b, scale, overwrite) if overwrite else fn(base, a, b, scale)
+    return fn(base, a, b, scale, overwrite)
 
 
 def add_matmul_(xp: Any, base: Any, a: Any, b: Any, *, scale: float = 1.0, fused: bool = True) -> Any:

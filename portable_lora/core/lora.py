@@ -99,7 +99,8 @@ def linear_forward(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = Non
     base = x @ W.T
     if bias is not None:
         base = base + bias
-    return add_lora_output(base, x, A, B, scale, fused=fused, xp=xp)
+    # ``base`` is this function's own temporary: the LoRA term may be added into it
+    return add_lora_output(base, x, A, B, scale, fused=fused, xp=xp, overwrite=True)
 
 
 def embedding_lora_output(ids: Any, A: Any, B: Any, scale: float, *, xp: Any = None) -> Any:
