@@ -1,9 +1,11 @@
 """``merge``: fold an adapter into base weights, streaming tensor by tensor.
 
-The base (a .safetensors file or a sharded directory) is memory-mapped; every output tensor
-is produced only when it is written (:class:`~portable_lora.io.safetensors_io.LazyTensor`),
-merged in row blocks, and its input pages are released after it is written. Peak memory is
-about one output tensor plus the adapter, whatever the checkpoint's size.
+The base is a .safetensors file or a sharded directory. Every merged tensor is read in row
+blocks (``pread`` into reused buffers, nothing memory-mapped), merged by worker threads and
+written block by block as the writer reaches it
+(:class:`~portable_lora.io.safetensors_io.LazyTensor`); tensors the adapter does not touch are
+copied file to file. Peak memory is a few blocks per thread plus the adapter, whatever the
+checkpoint's size.
 
 Everything is checked before the first byte is written: every module must match a base
 tensor ``<module>.weight`` of the right shape, the factors must be finite, and DoRA cannot be
@@ -454,7 +456,6 @@ def merge(base: str | os.PathLike, adapter: Any, out: str | os.PathLike, *, stre
         bar = progress_bar(total, "merging", progress)
 
         def written(name: str, nbytes: int) -> None:
-            ckpt.release(name)
             bar.update(nbytes)
 
         copied: list[str] = []
