@@ -304,17 +304,22 @@ def _forward_row(results, settings, mode, in_f, out_f, rank, T, us, dtype, floor
 
 # -- merge ----------------------------------------------------------------------------------------------
 
+def _add_at(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` under ``root``, making the parents on the way."""
+    parent = root
+    parts = name.split(".")
+    for part in parts[:-1]:
+        if not hasattr(parent, part):
+            parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(parts[-1], module)
+
+
 def _model_from_shapes(shapes: dict[str, tuple[int, int]], dtype, device, gen) -> nn.Module:
     """A module tree with one bias-free Linear at each dotted name."""
     root = nn.Module()
     for name, (out_f, in_f) in shapes.items():
-        parent = root
-        parts = name.split(".")
-        for part in parts[:-1]:
-            if not hasattr(parent, part):
-                parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        parent.add_module(parts[-1], make_linear(in_f, out_f, dtype, device, gen))
+        _add_at(root, name, make_linear(in_f, out_f, dtype, device, gen))
     return root
 
 
@@ -460,14 +465,7 @@ class _PlainView(nn.Module):
         super().__init__()
         for name in shapes:
             layer = wrapped.get_submodule(name)
-            layer = getattr(layer, "base_layer", layer)
-            parent = self
-            parts = name.split(".")
-            for part in parts[:-1]:
-                if not hasattr(parent, part):
-                    parent.add_module(part, nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(parts[-1], layer)
+            _add_at(self, name, getattr(layer, "base_layer", layer))
 
 
 # -- dispatch ------------------------------------------------------------------------------------------
