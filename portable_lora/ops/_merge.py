@@ -140,12 +140,10 @@ def merge_blocks(read_rows: Callable[[int, int, np.ndarray], None], shape: tuple
                 np.multiply(d, post_scale, out=d)
             np.add(w, d, out=w)
             merged = w
-        elif magnitude is None:
-            d = np.asarray(core.delta_weight(a, b, signed, module.kind, dtype=acc))
-            np.add(w, d.T if transposed else d, out=w)
-            merged = w
-        else:  # DoRA, rows of a (out, in) weight: each row's norm is its own
-            merged = np.asarray(core.merge_into(w, a, b, signed, module.kind, magnitude=magnitude[start:stop]))
+        else:  # embeddings, transposed weights, convs and DoRA (each row's norm is its own)
+            rows = None if magnitude is None else magnitude[start:stop]
+            merged = np.asarray(core.merge_into(w, a, b, signed, module.kind, magnitude=rows,
+                                                transposed=transposed))
         buffer = _OUTPUT.get(merged.size * target.itemsize)
         block = buffer[:merged.size * target.itemsize].view(target).reshape(merged.shape)
         np.copyto(block, merged, casting="unsafe")  # the one rounding
