@@ -100,6 +100,32 @@ def test_merge_transposed_weight(backend, dtype):
     assert_close(backend.back(got), W + 0.5 * (B @ A).T, dtype)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_merge_into_many_equals_merge_into_one_by_one(backend, dtype, inplace):
+    """Same-shaped linear weights (the batched case), a transposed one, an embedding table and
+    a conv: each result equals merge_into's, and the inputs of the out-of-place call stay."""
+    shapes = [("linear", (10, 12), False), ("linear", (10, 12), False), ("linear", (10, 12), False),
+              ("linear", (12, 10), True), ("embedding", (20, 6), False), ("conv", (5, 3, 3, 3), False)]
+    items, expect = [], []
+    for kind, wshape, transposed in shapes:
+        A, B = FACTORS[kind](4)
+        if transposed:
+            A, B = rand(4, 12), rand(10, 4)
+        W = rand(*wshape)
+        t = [backend.to(v, dtype) for v in (W, A, B)]
+        expect.append(core.merge_into(*t, 0.5, kind, transposed=transposed))
+        items.append((backend.to(W, dtype), t[1], t[2], 0.5, kind, transposed))
+    originals = [backend.back(item[0]) for item in items]
+    got = core.merge_into_many(items, inplace=inplace)
+    assert len(got) == len(items)
+    for item, g, e, original in zip(items, got, expect, originals):
+        assert_close(backend.back(g), backend.back(e), dtype, what=item[4])
+        if not inplace or g is not item[0]:
+            np.testing.assert_array_equal(backend.back(item[0]), original)  # untouched
+    assert core.merge_into_many([]) == []
+
+
 def ref_dora_weight(W, A, B, s, m):
     comb = W + s * B @ A
     return m[:, None] * comb / np.linalg.norm(comb, axis=1, keepdims=True)

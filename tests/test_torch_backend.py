@@ -541,6 +541,66 @@ def test_cuda_bulk_upload_merge_of_mixed_factor_dtypes_and_unmerge():
         assert_close(npy(gpu[n].weight.float()), npy(model[n].weight.float()), "bfloat16", what=f"{n} unmerged")
 
 
+def test_upload_chunk_packs_every_factor_at_its_aligned_offset():
+    """The packing half of the CUDA upload, on any machine: packed, each factor's bytes sit at
+    its 256-aligned offset (odd sizes, bf16/float32/float64, 1-D to 4-D, empty)."""
+    from portable_lora.backends import torch as backend
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((3, 7)).astype(ml_dtypes.bfloat16), rng.standard_normal(5).astype(np.float32),
+              rng.standard_normal((2, 3, 3, 1)), rng.standard_normal((40, 33)).astype(np.float32),
+              np.zeros((0, 4), np.float32), rng.standard_normal((16, 300)).astype(ml_dtypes.bfloat16)]
+    chunk = backend._Chunk(torch.device("cpu"))
+    for i, a in enumerate(arrays):
+        chunk.add(f"m{i // 2}", i % 2, a)
+    assert chunk.nbytes % 256 == 0
+    chunk.staging = np.full(chunk.nbytes, 0xAB, np.uint8)
+    chunk.pack()
+    for (_, _, a, offset), expected in zip(chunk.items, arrays):
+        assert offset % 256 == 0
+        got = chunk.staging[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_chunked_upload_pipeline_with_a_cpu_layer_between(monkeypatch):
+    """Factors go up chunk by chunk on a side stream while earlier chunks merge: with chunks of
+    a few layers, packing threads, a CPU layer in the middle (its factors converted on their
+    own), a conv and an embedding, a first merge in inference mode and a second on top, every
+    weight equals the CPU merge, and unmerging both restores it to within one rounding."""
+    from portable_lora.backends import torch as backend
+
+    monkeypatch.setattr(backend, "_FIRST_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(backend, "_CHUNK_BYTES", 6000)
+    names = [f"l{i}" for i in range(12)]
+    model = nn.ModuleDict({n: nn.Linear(48 + i, 40 + 2 * i, bias=False) for i, n in enumerate(names)})
+    model = model.to(torch.bfloat16)
+    shapes = {n: tuple(model[n].weight.shape) for n in names}
+    first = examples.random_adapter(shapes, rank=4, dtype=ml_dtypes.bfloat16, seed=1)
+    second = examples.random_adapter(shapes, rank=8, dtype=np.float32, seed=2, dora=True)
+    # a conv (4-D factors) and an embedding table between the linears, in the first adapter
+    model["l7"] = nn.Conv2d(3, 8, 3, bias=False).to(torch.bfloat16)
+    model["l8"] = nn.Embedding(30, 16).to(torch.bfloat16)
+    del second["l7"], second["l8"]
+    first["l7"] = examples.random_adapter({"l7": (8, 3, 3, 3)}, rank=4, kind="conv", seed=3)["l7"]
+    first["l8"] = examples.random_adapter({"l8": (30, 16)}, rank=4, kind="embedding", seed=4)["l8"]
+    cpu = copy.deepcopy(model)
+    gpu = copy.deepcopy(model).cuda()
+    gpu["l5"] = gpu["l5"].cpu()  # one layer stays on the CPU
+    plt.merge(cpu, first)
+    with torch.inference_mode():  # pinned buffers made in inference mode, packed on other threads
+        plt.merge(gpu, first)
+    plt.merge(cpu, second)
+    plt.merge(gpu, second)
+    for n in names:
+        assert_close(npy(gpu[n].weight.float().cpu()), npy(cpu[n].weight.float()), "bfloat16", what=n)
+    plt.unmerge(gpu, second)
+    plt.unmerge(gpu, first)
+    for n in names:
+        assert_close(npy(gpu[n].weight.float().cpu()), npy(model[n].weight.float()), "bfloat16",
+                     what=f"{n} unmerged")
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 
 def test_unmatched_modules_are_all_listed():

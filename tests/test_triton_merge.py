@@ -200,7 +200,63 @@ def _interpreter_worker() -> None:
     import torch
 
     results = measure_cases(measure, CASES, torch)
+    for label, fn in (("forward add", measure_forward_add), ("grouped", measure_grouped)):
+        try:
+            results[label] = fn(torch, "cpu")
+        except Exception as exc:  # noqa: BLE001
+            results[label] = {"error": repr(exc)}
     print("RESULTS " + json.dumps(results))
+
+
+def measure_grouped(torch, device, shape=(40, 72), rank=8, count=3) -> dict:
+    """One launch for several same-shaped weights (``try_fused_add_matmul_many_``, through
+    ``core.merge_into_many``): bit for bit the per-weight kernel, for bf16 and float32
+    factors, an odd count (padded tables) and different scales; and the cases it must
+    refuse, untouched: a weight listed twice (tied), shapes that differ."""
+    from portable_lora import core
+    from portable_lora.core import _triton_merge
+
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for factor_dtype in (torch.bfloat16, torch.float32):
+        Ws = [(torch.randn(*shape, generator=g)).to(torch.bfloat16).to(device) for _ in range(count)]
+        As = [(torch.randn(rank, shape[1], generator=g) / 8).to(factor_dtype).to(device) for _ in range(count)]
+        Bs = [(torch.randn(shape[0], rank, generator=g) / 8).to(factor_dtype).to(device) for _ in range(count)]
+        scales = [0.5 * (i + 1) for i in range(count)]
+        one_by_one = [_triton_merge.fused_add_matmul_(W.clone(), B, A, s) for W, A, B, s in zip(Ws, As, Bs, scales)]
+        targets = [W.clone() for W in Ws]
+        merged = core.merge_into_many([(W, A, B, s, "linear", False) for W, A, B, s in zip(targets, As, Bs, scales)],
+                                      inplace=True)
+        name = str(factor_dtype).split(".")[-1]
+        out[f"{name} in place"] = all(m is t for m, t in zip(merged, targets))
+        out[f"{name} same as one by one"] = all(bool(torch.equal(m, o)) for m, o in zip(merged, one_by_one))
+    W, A, B = Ws[0].clone(), As[0].to(torch.bfloat16), Bs[0].to(torch.bfloat16)
+    before = W.clone()
+    out["tied refused"] = not _triton_merge.try_fused_add_matmul_many_([W, W], [B, B], [A, A], [1.0, 1.0])
+    other = torch.zeros(shape[0], shape[1] + 16, dtype=torch.bfloat16, device=device)
+    out["shapes refused"] = not _triton_merge.try_fused_add_matmul_many_(
+        [W, other], [B, B], [A, torch.zeros(rank, shape[1] + 16, dtype=torch.bfloat16, device=device)], [1.0, 1.0])
+    out["refused untouched"] = bool(torch.equal(W, before))
+    return out
+
+
+def measure_forward_add(torch, device, shape=(2, 40, 96), rank=8) -> dict:
+    """The forward's in-place add of the LoRA term (``capabilities._triton_add_``: leading axes
+    flattened, ``b = Bᵀ`` a transposed view) against the kernel called on the flattened
+    operands, and against the float64 sum rounded once."""
+    from portable_lora.core import _triton_merge, capabilities
+
+    g = torch.Generator().manual_seed(5)
+    n = shape[-1]
+    base = (torch.randn(*shape, generator=g)).to(torch.bfloat16).to(device)
+    a = (torch.randn(*shape[:-1], rank, generator=g)).to(torch.bfloat16).to(device)
+    B = (torch.randn(n, rank, generator=g) * 0.1).to(torch.bfloat16).to(device)
+    got = base.clone()
+    took = capabilities._triton_add_(got, a, B.T, 2.0)
+    direct = _triton_merge.fused_add_matmul_(base.clone().view(-1, n), a.reshape(-1, rank), B.T, 2.0)
+    rounded = (base.double() + 2.0 * (a.double() @ B.double().T)).to(torch.bfloat16)
+    return {"took": bool(took), "same_as_kernel": bool(torch.equal(got.view(-1, n), direct)),
+            "wrong_share": float((got != rounded).double().mean()), "shape": list(got.shape)}
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +269,19 @@ def test_kernel_under_the_interpreter(interpreted, case):
     stats = interpreted[case[0]]
     assert "error" not in stats, stats.get("error")
     assert not problems(case, stats), (problems(case, stats), stats)
+
+
+def test_forward_add_under_the_interpreter(interpreted):
+    stats = interpreted["forward add"]
+    assert "error" not in stats, stats.get("error")
+    assert stats["took"] and stats["same_as_kernel"], stats
+    assert stats["wrong_share"] <= MAX_WRONG_SHARE, stats
+
+
+def test_grouped_merge_under_the_interpreter(interpreted):
+    stats = interpreted["grouped"]
+    assert "error" not in stats, stats.get("error")
+    assert all(stats.values()), stats
 
 
 # -- CUDA, in this process ---------------------------------------------------------------------------
@@ -265,6 +334,42 @@ def test_merge_into_inplace_takes_the_kernel_on_cuda(dtype):
     ulp = torch.finfo(dt).eps * plain.double().abs().clamp_min(torch.finfo(dt).tiny)
     assert ((merged.double() - plain.double()).abs() / ulp).max().item() <= 1.0
     assert undone.shape == W.shape
+
+
+@needs_cuda_triton
+def test_unfused_forward_adds_the_lora_term_with_the_kernel_on_cuda():
+    """Above the fused forward's token limit, the forward adds the LoRA term into F.linear's
+    output with the merge kernel (2^23 elements and more): the same numbers as the kernel
+    called directly, and as the float64 sum rounded once but for the one-rounding share."""
+    import torch
+
+    from portable_lora import core
+    from portable_lora.core import capabilities
+
+    stats = measure_forward_add(torch, "cuda", shape=(2, 1024, 1024), rank=16)
+    assert stats["took"] and stats["same_as_kernel"], stats
+    assert stats["wrong_share"] <= MAX_WRONG_SHARE, stats
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 2048, 512, generator=g).to(torch.bfloat16).cuda()
+    from portable_lora.core.capabilities import _TRITON_ADD_MIN_ELEMENTS
+    assert 4 * 2048 * 1024 >= _TRITON_ADD_MIN_ELEMENTS
+    W = (torch.randn(1024, 512, generator=g) / 23).to(torch.bfloat16).cuda()
+    A = (torch.randn(16, 512, generator=g) / 23).to(torch.bfloat16).cuda()
+    B = (torch.randn(1024, 16, generator=g) * 0.1).to(torch.bfloat16).cuda()
+    with torch.no_grad():
+        fused = core.linear_forward(x, W, A, B, 2.0)  # > MAX_TOKENS: F.linear, then the add
+        base = x @ W.T
+        expect = base.clone()
+        assert capabilities._triton_add_(expect, x @ A.T, B.T, 2.0)
+    assert torch.equal(fused, expect)
+
+
+@needs_cuda_triton
+def test_grouped_merge_on_cuda():
+    import torch
+
+    stats = measure_grouped(torch, "cuda", shape=(1000, 768), rank=16, count=5)
+    assert all(stats.values()), stats
 
 
 # -- the wrapper's decisions (no kernel run: any machine with torch) ----------------------------

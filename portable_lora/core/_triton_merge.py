@@ -36,7 +36,8 @@ from typing import Any
 
 from . import _triton_launch
 
-__all__ = ["available", "supports", "fused_add_matmul_", "try_fused_add_matmul_", "config_for"]
+__all__ = ["available", "supports", "fused_add_matmul_", "try_fused_add_matmul_", "try_fused_add_matmul_many_",
+           "config_for"]
 
 # Tile choice: fixed, by the factors' kind (no autotuning pass on the first call). The merge
 # is memory-bound: each W element is read and written once (4 bytes of traffic per bf16
@@ -87,6 +88,7 @@ def _load():
     _STATE["torch"] = torch
     _STATE["bf16"] = torch.bfloat16
     _STATE["interpreted"] = _triton_launch.interpreted()  # fixed when triton was loaded
+    _STATE["tl_types"] = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     kernel = _triton_launch.jit(_add_matmul_kernel)
     _STATE["launcher"] = _triton_launch.Launcher(kernel, _NAMES)
     _STATE["kernel"] = kernel
@@ -205,17 +207,25 @@ def try_fused_add_matmul_(base: Any, a: Any, b: Any, scale: float) -> bool:
     return True
 
 
-_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_K", "WIDEN", "RTNE_BF16_BY_HAND")
+_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NUM_K", "WIDEN", "RTNE_BF16_BY_HAND", "GROUPED", "W_TY",
+          "A_TY", "B_TY")
 
 
 def _launch(kernel, base, a, b, scale, config, layout) -> None:
     w = base
     if layout == "cols":  # Wᵀ (row-major) += s · bᵀ @ aᵀ
         w, a, b = base.T, b.T, a.T
+    if w.shape[0] == 0 or w.shape[1] == 0 or a.shape[1] == 0:
+        return  # w + s·0 rounds to w itself
+    aligned = (w.data_ptr() % 16 == 0, a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0)
+    _run(w, a, b, (w, a, b, w, float(scale)), 1, aligned, config)
+
+
+def _run(w, a, b, pointers, groups, aligned, config) -> None:
+    """Launch over ``groups`` weights shaped like ``w`` (factors like ``a``, ``b``);
+    ``pointers``: (w, a, b, scale table, scale) as the kernel takes them, tensors or tables."""
     m, n = w.shape
     k = a.shape[1]
-    if m == 0 or n == 0 or k == 0:
-        return  # w + s·0 rounds to w itself
     factors_16bit = a.dtype == b.dtype and a.element_size() == 2
     cfg = config_for(k, factors_16bit)
     if config is not None:
@@ -223,34 +233,110 @@ def _launch(kernel, base, a, b, scale, config, layout) -> None:
     interpreted = _STATE["interpreted"]
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     block_k = cfg.get("BLOCK_K") or _block_k(k)
-    grid = (((m + block_m - 1) // block_m) * ((n + block_n - 1) // block_n),)
+    tiles = ((m + block_m - 1) // block_m) * ((n + block_n - 1) // block_n)
+    grid = (tiles, groups) if groups > 1 else (tiles,)
     sw0, sw1 = w.stride()
     sa0, sa1 = a.stride()
     sb0, sb1 = b.stride()
-    args = (w, a, b, m, n, k, sw0, sw1, sa0, sa1, sb0, sb1, float(scale))
+    sizes = (m, n, k, sw0, sw1, sa0, sa1, sb0, sb1)
+    *tensors, scale = pointers
+    args = (*tensors, *sizes, scale)
+    grouped = groups > 1
+    types = _STATE["tl_types"]
     # the constexprs, in the kernel's signature order (_NAMES), after args
     constexprs = (block_m, block_n, block_k, (k + block_k - 1) // block_k,
                   interpreted or not factors_16bit,  # WIDEN
-                  interpreted and w.dtype == _STATE["bf16"])  # RTNE_BF16_BY_HAND
+                  interpreted and w.dtype == _STATE["bf16"],  # RTNE_BF16_BY_HAND
+                  grouped,
+                  types[w.dtype] if grouped else None, types[a.dtype] if grouped else None,
+                  types[b.dtype] if grouped else None)
     # the direct launch's key (see _triton_launch): everything triton specialises on
     int_class = _triton_launch.int_class
-    key = (constexprs, cfg["num_warps"], cfg["num_stages"], w.dtype, a.dtype, b.dtype,
-           w.data_ptr() % 16 == 0, a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0,
-           *[int_class(v) for v in args[3:12]])
+    key = (constexprs, cfg["num_warps"], cfg["num_stages"], w.dtype, a.dtype, b.dtype, *aligned,
+           *[int_class(v) for v in sizes])
     _STATE["launcher"](grid, args, constexprs, cfg["num_warps"], cfg["num_stages"], key,
                        None if interpreted else w.device.index)
+
+
+def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list) -> bool:
+    """Every ``bases[i] += scales[i] · (as_[i] @ bs[i])`` in one launch; ``True`` when done.
+
+    For many weights of one shape (an 8B model's projections come in four shapes): one launch
+    instead of one per weight, whose host time (~30-60 µs each on a slow host) would
+    otherwise exceed the kernels' GPU time. Takes them where the kernel takes each one
+    (:func:`supports`), with row-major tiles, and all of them have the same shapes, strides,
+    dtypes and device, every address 16-byte aligned and no two weights overlapping in
+    memory (tied weights: the launch would race); else ``False`` and nothing changes (the
+    caller merges them one by one). Same arithmetic as :func:`fused_add_matmul_`, bit for bit.
+    """
+    count = len(bases)
+    if count == 0 or not (len(as_) == len(bs) == len(scales) == count) or not available(bases[0]):
+        return False
+    w, a, b = bases[0], as_[0], bs[0]
+    if _check(w, a, b) != "rows":
+        return False
+    torch = _STATE["torch"]
+    signature = (w.shape, w.stride(), w.dtype, a.shape, a.stride(), a.dtype, b.shape, b.stride(), b.dtype,
+                 w.device)
+    grad = torch.is_grad_enabled()
+    ranges = []
+    size = w.element_size()
+    extent = ((w.shape[0] - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) + 1) * size
+    for wi, ai, bi in zip(bases, as_, bs):
+        if (wi.shape, wi.stride(), wi.dtype, ai.shape, ai.stride(), ai.dtype, bi.shape, bi.stride(), bi.dtype,
+                wi.device) != signature:
+            return False
+        if grad and (wi.requires_grad or ai.requires_grad or bi.requires_grad):
+            return False
+        if (wi.data_ptr() | ai.data_ptr() | bi.data_ptr()) % 16:
+            return False
+        ranges.append(wi.data_ptr())
+    ranges.sort()
+    if any(hi - lo < extent for lo, hi in zip(ranges, ranges[1:])):
+        return False  # two weights share memory: one launch per weight keeps them in order
+    if w.numel() == 0 or a.shape[1] == 0:
+        return True  # w + s·0 rounds to w itself
+    device = w.device
+    pad = [0] * (count % 2)  # rows of an even length: each table row 16-byte aligned
+    table = torch.tensor([[t.data_ptr() for t in bases] + pad, [t.data_ptr() for t in as_] + pad,
+                          [t.data_ptr() for t in bs] + pad], dtype=torch.int64)
+    scale_table = torch.tensor([float(s) for s in scales], dtype=torch.float32)
+    if device.type == "cuda":
+        # pinned, and copied without waiting: the host does not stall on the GPU's queue
+        table = table.pin_memory().to(device, non_blocking=True)
+        scale_table = scale_table.pin_memory().to(device, non_blocking=True)
+    try:
+        _run(w, a, b, (table[0], table[1], table[2], scale_table, 1.0), count, (True, True, True), None)
+    except Exception as exc:  # noqa: BLE001 - a compile/launch failure: one by one instead
+        _STATE["failed"] = repr(exc)
+        import warnings
+
+        warnings.warn(f"portable_lora: the Triton merge kernel failed ({exc!r}); using the "
+                      "unfused merge from now on", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 tl: Any = None  # triton.language, bound by _load() before the kernel is jitted
 
 
 def _add_matmul_kernel(
-    w_ptr, a_ptr, b_ptr, M, N, K,
+    w_ptr, a_ptr, b_ptr, scale_ptr, M, N, K,
     stride_wm, stride_wn, stride_am, stride_ak, stride_bk, stride_bn,
     scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-    WIDEN: tl.constexpr, RTNE_BF16_BY_HAND: tl.constexpr,
+    WIDEN: tl.constexpr, RTNE_BF16_BY_HAND: tl.constexpr, GROUPED: tl.constexpr,
+    W_TY: tl.constexpr, A_TY: tl.constexpr, B_TY: tl.constexpr,
 ):
+    if GROUPED:
+        # many weights of one shape, one per program_id(1): w_ptr, a_ptr and b_ptr are tables
+        # of their addresses (each 16-byte aligned, which the host checked), scale_ptr of
+        # their float32 scales
+        g = tl.program_id(1).to(tl.int64)
+        w_ptr = tl.multiple_of(tl.load(w_ptr + g).to(tl.pointer_type(W_TY)), 16)
+        a_ptr = tl.multiple_of(tl.load(a_ptr + g).to(tl.pointer_type(A_TY)), 16)
+        b_ptr = tl.multiple_of(tl.load(b_ptr + g).to(tl.pointer_type(B_TY)), 16)
+        scale = tl.load(scale_ptr + g)
     # one program per BLOCK_M x BLOCK_N tile of W, column tiles fastest (neighbouring programs
     # stream neighbouring parts of the same rows)
     pid = tl.program_id(0)

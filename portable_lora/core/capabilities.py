@@ -11,6 +11,10 @@ Two things the standard cannot say:
   Triton kernel where triton imports (``_triton_merge``: one read and one write of ``base``),
   else the product in float32 by row blocks, added with one rounding). The fallback is the
   out-of-place result, which the caller copies.
+* ``add_matmul_many_``: ``add_matmul_`` for many operand triples at once (a model's merge):
+  torch, for 16-bit CUDA weights of one shape, one Triton launch for all of them (the host's
+  time per launch, not the GPU's, bounds a model's merge otherwise); every item it leaves
+  takes ``add_matmul_`` one by one.
 * ``linear_lora``: the whole LoRA linear forward ``x @ Wᵀ + bias + scale · (x @ Aᵀ) @ Bᵀ``
   in one call, inference only (torch: a fused Triton kernel, ``_triton_linear``, for 16-bit
   CUDA tensors with no autograd to record, outside ``torch.compile`` tracing, up to
@@ -28,7 +32,7 @@ from typing import Any, Callable
 from . import _triton_linear
 from .namespace import namespace_family
 
-__all__ = ["stop_gradient", "add_matmul", "add_matmul_", "linear_lora", "CAPABILITIES",
+__all__ = ["stop_gradient", "add_matmul", "add_matmul_", "add_matmul_many_", "linear_lora", "CAPABILITIES",
            "fused_available", "resolve"]
 
 
@@ -56,6 +60,8 @@ def _torch_add_matmul(base, a, b, scale, overwrite=False):
     # out-of-place addmm first copies base into a new output, a read and a write of it more
     # (an H100, 4096 tokens x 14336: ~80 us of a 900 us layer)
     overwrite = overwrite and base.is_contiguous()
+    if overwrite and base.is_cuda and _large_outside_tracing(base) and _triton_add_(base, a, b, scale):
+        return base
     if a.ndim == 2:
         return base.addmm_(a, b, alpha=scale) if overwrite else base.addmm(a, b, alpha=scale)
     if base.numel() < _FLATTEN_MIN_ELEMENTS:
@@ -71,6 +77,37 @@ def _torch_add_matmul(base, a, b, scale, overwrite=False):
 
 
 _FLATTEN_MIN_ELEMENTS = 1 << 14
+# 16-bit CUDA outputs from this many elements (2048 tokens x 4096 features) take the Triton
+# in-place add (``_triton_merge``'s kernel: one read and one write of base, the product in
+# registers): cuBLAS's addmm_ at K = r runs at about half the copy bandwidth there. An H100,
+# the forward's add alone, 4096 tokens x 4096, r = 16: 40 us against ~22 us for a read and a
+# write; the whole layer in CUDA graphs, 4096 tokens: 1.26 -> 1.20x the plain linear (4096²),
+# 1.21 -> 1.12x (4096 -> 14336); at 512-1024 tokens the two are within a few % either way,
+# and eagerly below that the Triton launch's host time loses (benchmarks/NOTES.md §13).
+_TRITON_ADD_MIN_ELEMENTS = 1 << 23
+
+
+def _large_outside_tracing(base) -> bool:
+    # tracing first: under torch.compile the size test would become a guard on the traced
+    # shapes (a recompile each time it flips, and fullgraph compiles hit the recompile limit)
+    import torch
+
+    return not torch.compiler.is_compiling() and base.numel() >= _TRITON_ADD_MIN_ELEMENTS
+
+
+def _triton_add_(base, a, b, scale) -> bool:
+    """``base += scale · (a @ b)`` by the Triton merge kernel: 16-bit ``base`` on CUDA (2-D
+    ``a`` or leading axes flattened), outside ``torch.compile`` tracing; ``False`` (``base``
+    untouched) where it does not run. Same arithmetic as a 16-bit addmm_: exact products,
+    float32 sums, the sum with ``base`` in float32, one round-to-nearest-even."""
+    import torch
+
+    if base.element_size() != 2 or torch.compiler.is_compiling():
+        return False
+    from . import _triton_merge
+
+    n = base.shape[-1]
+    return _triton_merge.try_fused_add_matmul_(base.view(-1, n), a.reshape(-1, a.shape[-1]), b, scale)
 
 
 def _torch_add_matmul_(base, a, b, scale):
@@ -128,6 +165,32 @@ def _torch_add_matmul_widened_(base, a, b, scale):
     return base
 
 
+def _torch_add_matmul_many_(bases, as_, bs, scales):
+    # CUDA 16-bit weights of one shape: one Triton launch for all of them (_triton_merge);
+    # the host's time per launch, not the GPU's, bounds a model's merge otherwise. Items are
+    # grouped by everything the launch needs to share; a group of one, or one the kernel
+    # does not take, is left to the caller's one-by-one path.
+    done = [False] * len(bases)
+    groups: dict[tuple, list[int]] = {}
+    for i, (base, a, b) in enumerate(zip(bases, as_, bs)):
+        if base.ndim != 2 or a.ndim != 2 or b.ndim != 2 or base.element_size() != 2:
+            continue  # (the kernel's own test turns CPU tensors away, but under its interpreter)
+        key = (base.shape, base.stride(), base.dtype, a.shape, a.stride(), a.dtype, b.shape, b.stride(),
+               b.dtype, base.device)
+        groups.setdefault(key, []).append(i)
+    if not groups:
+        return done
+    from . import _triton_merge
+
+    for members in groups.values():
+        if len(members) > 1 and _triton_merge.try_fused_add_matmul_many_(
+                [bases[i] for i in members], [as_[i] for i in members], [bs[i] for i in members],
+                [scales[i] for i in members]):
+            for i in members:
+                done[i] = True
+    return done
+
+
 _MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) works here (cleared on the first failure)
 
 
@@ -163,6 +226,9 @@ CAPABILITIES: dict[str, dict[str, Callable[..., Any]]] = {
     },
     "add_matmul_": {
         "torch": _torch_add_matmul_,
+    },
+    "add_matmul_many_": {
+        "torch": _torch_add_matmul_many_,
     },
     "linear_lora": {
         # (x, W, A, B, scale, bias) -> y or None: the kernel's own tests decide, cheapest
@@ -222,6 +288,17 @@ def add_matmul_(xp: Any, base: Any, a: Any, b: Any, *, scale: float = 1.0, fused
     """
     fn = _lookup("add_matmul_", xp) if fused else None
     return None if fn is None else fn(base, a, b, scale)
+
+
+def add_matmul_many_(xp: Any, bases: list, as_: list, bs: list, *, scales: list, fused: bool = True) -> list[bool]:
+    """:func:`add_matmul_` for many operand triples at once, batched where the framework can.
+
+    Returns one flag per item: ``True`` where ``bases[i]`` now holds ``bases[i] + scales[i] ·
+    (as_[i] @ bs[i])`` (written in place), ``False`` where it was left untouched: the caller
+    then takes :func:`add_matmul_` (or the out-of-place path) for that item.
+    """
+    fn = _lookup("add_matmul_many_", xp) if fused else None
+    return [False] * len(bases) if fn is None else fn(bases, as_, bs, scales)
 
 
 def linear_lora(xp: Any, x: Any, W: Any, A: Any, B: Any, *, scale: float = 1.0, bias: Any = None,

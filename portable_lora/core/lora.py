@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .capabilities import add_matmul, add_matmul_, linear_lora, stop_gradient
+from .capabilities import add_matmul, add_matmul_, add_matmul_many_, linear_lora, stop_gradient
 from .namespace import array_namespace
 
 __all__ = ["KINDS", "accumulation_dtype", "delta_weight", "lora_output", "add_lora_output",
-           "linear_forward", "embedding_lora_output", "merge_into", "unmerge_from",
+           "linear_forward", "embedding_lora_output", "merge_into", "merge_into_many", "unmerge_from",
            "dora_weight_norm", "dora_factor", "dora_forward"]
 
 KINDS = ("linear", "conv", "embedding")
@@ -154,23 +154,31 @@ def _reshape_factor(xp: Any, factor: Any, ndim: int) -> Any:
     return xp.reshape(factor, (factor.shape[0],) + (1,) * (ndim - 1))
 
 
+def _in_place_product(W: Any, A: Any, B: Any, kind: str, transposed: bool) -> tuple[Any, Any] | None:
+    """``(a, b)`` with ``ΔW = scale · a @ b`` in W's own layout, where an in-place merge
+    applies (linear and embedding LoRA on a 2-D weight), else ``None``."""
+    if kind not in ("linear", "embedding") or W.ndim != 2:
+        return None
+    # ΔW is s·B@A for a linear weight (out, in); its transpose s·Aᵀ@Bᵀ for a table (num, dim)
+    # or a transposed weight (in, out), and a transposed table is a plain (dim, num) product
+    if (kind == "embedding") != bool(transposed):
+        return A.T, B.T
+    return B, A
+
+
 def _merge_in_place(xp: Any, W: Any, A: Any, B: Any, scale: float, kind: str, transposed: bool) -> Any:
     """``W += scale · ΔW`` through the in-place fused capability, or ``None`` where there is none.
 
     Only for linear and embedding LoRA with factors in W's dtype: the framework's fused call
     accumulates the rank-r product in float32 and rounds the sum once, as the plain path does.
     """
-    if kind not in ("linear", "embedding") or W.ndim != 2:
-        return None
-    # ΔW is s·B@A for a linear weight (out, in); its transpose s·Aᵀ@Bᵀ for a table (num, dim)
-    # or a transposed weight (in, out), and a transposed table is a plain (dim, num) product
-    if (kind == "embedding") != bool(transposed):
-        return add_matmul_(xp, W, A.T, B.T, scale=float(scale))
-    return add_matmul_(xp, W, B, A, scale=float(scale))
+    product = _in_place_product(W, A, B, kind, transposed)
+    return None if product is None else add_matmul_(xp, W, *product, scale=float(scale))
 
 
 def merge_into(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
-               magnitude: Any = None, transposed: bool = False, inplace: bool = False) -> Any:
+               magnitude: Any = None, transposed: bool = False, inplace: bool = False,
+               xp: Any = None) -> Any:
     """The merged weight ``W + ΔW`` (or DoRA's ``m · (W + ΔW)/‖W + ΔW‖``), as a new array.
 
     Accumulates in float32 (float64 for float64 weights) and rounds once to ``W.dtype``.
@@ -178,9 +186,9 @@ def merge_into(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
     in-place fused add-matmul (torch's ``addmm_``) write a plain LoRA merge into ``W`` itself,
     one pass over the weight, and return ``W``; elsewhere a new array comes back as usual, so
     a caller writes ``merged = merge_into(W, ..., inplace=True)`` and copies only when
-    ``merged is not W``.
+    ``merged is not W``. ``xp``: the namespace, when the caller resolved it already.
     """
-    xp = array_namespace(W, A, B)
+    xp = array_namespace(W, A, B) if xp is None else xp
     if inplace and magnitude is None:
         done = _merge_in_place(xp, W, A, B, scale, kind, transposed)
         if done is not None:
@@ -197,17 +205,50 @@ def merge_into(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
     return _as(xp, _oriented(merged, transposed), W.dtype)
 
 
+def merge_into_many(items: list[tuple], *, inplace: bool = False, xp: Any = None) -> list[Any]:
+    """:func:`merge_into` for many plain-LoRA weights: ``items`` are ``(W, A, B, scale, kind,
+    transposed)`` tuples; returns the merged arrays in order, as :func:`merge_into` would.
+
+    With ``inplace=True`` a framework that batches in-place merges (torch on CUDA: one Triton
+    launch for all 16-bit weights of one shape, see ``capabilities.add_matmul_many_``) writes
+    them into their ``W`` and returns ``W`` itself for those; every other item goes through
+    :func:`merge_into` one by one (so copy where ``merged is not W``, as there). The same
+    arithmetic either way: float32 sums, one rounding. ``xp``: the namespace of every item.
+    """
+    if not items:
+        return []
+    xp = array_namespace(items[0][0]) if xp is None else xp
+    merged: list[Any] = [None] * len(items)
+    if inplace:
+        batch, where = [], []
+        for i, (W, A, B, _, kind, transposed) in enumerate(items):
+            product = _in_place_product(W, A, B, kind, transposed)
+            if product is not None:
+                batch.append((W, *product))
+                where.append(i)
+        if len(batch) > 1:
+            done = add_matmul_many_(xp, [t[0] for t in batch], [t[1] for t in batch], [t[2] for t in batch],
+                                    scales=[float(items[i][3]) for i in where])
+            for i, ok in zip(where, done):
+                if ok:
+                    merged[i] = items[i][0]
+    for i, (W, A, B, scale, kind, transposed) in enumerate(items):
+        if merged[i] is None:
+            merged[i] = merge_into(W, A, B, scale, kind, transposed=transposed, inplace=inplace, xp=xp)
+    return merged
+
+
 def unmerge_from(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
                  magnitude: Any = None, weight_norm: Any = None, transposed: bool = False,
-                 inplace: bool = False) -> Any:
+                 inplace: bool = False, xp: Any = None) -> Any:
     """The inverse of :func:`merge_into` (``inplace`` as there).
 
     DoRA cannot be undone from the merged weight alone: pass ``weight_norm``, the
     :func:`dora_weight_norm` taken before merging.
     """
     if magnitude is None:  # W − s·BA is W + (−s)·BA, bit for bit
-        return merge_into(W, A, B, -float(scale), kind, transposed=transposed, inplace=inplace)
-    xp = array_namespace(W, A, B)
+        return merge_into(W, A, B, -float(scale), kind, transposed=transposed, inplace=inplace, xp=xp)
+    xp = array_namespace(W, A, B) if xp is None else xp
     acc = accumulation_dtype(xp, W.dtype)
     w = _as(xp, W, acc)
     delta = delta_weight(A, B, scale, kind, dtype=acc)
