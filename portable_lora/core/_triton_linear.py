@@ -64,7 +64,10 @@ WIDE_MAX_TOKENS = 128
 #   unfused path takes 1.66-1.67x / 1.26-1.28x; other widths 1.13-2.8x;
 # * 17-256 tokens: 64 x 64 tiles (wgmma), K blocks of 128 (r <= 32) or 64, while that makes at
 #   most two waves; else 64 x 128 (r <= 32, if that makes at most two waves) or 128 x 128 (8
-#   warps). Every program recomputes x @ Aᵀ for its rows: r / BLOCK_N more MMA work, which is
+#   warps). Where 64 x 64 tiles would not fill the SMs once (at most half of them, or all of
+#   them for r <= 32), 64 x 32 tiles, K blocks of 128, 4 stages: 4096², the kernel alone at
+#   T = 64: 1.16x the linear at r 16 (64 x 64: 1.44x), 1.32x at r 64 (1.61x); T = 128, r 16:
+#   1.36x (1.47x); at T = 128, r 64 (1.59x) and at T = 256 they measured slower (session 3). Every program recomputes x @ Aᵀ for its rows: r / BLOCK_N more MMA work, which is
 #   what loses at large T and r. Kernel alone vs the linear (unfused): 4096², r 16: 1.45-1.49x
 #   (1.69-1.75x) at T 32-256; r 64: 1.57-1.62x (1.72-1.76x) at T 32-128, 1.82x (1.65x) at T 256;
 #   4096->14336, r 16: 1.02-1.08x (1.27-1.34x) at T 32-128, 1.32x (1.43x) at 256; r 64:
@@ -89,8 +92,11 @@ def config_for(m: int, n: int, k: int, r: int, sms: int = _SMS_DEFAULT) -> dict:
         bn = next((w for w in widths if -(-n // w) <= sms), widths[-1])
         bk, nw, ns = _SMALL[bn]
         cfg = (_SMALL_M, bn, bk, nw, ns)
-    elif -(-m // 64) * -(-n // 64) <= 2 * sms:
-        cfg = (64, 64, 128, 4, 3) if r <= WIDE_RANK else (64, 64, 64, 4, 4)
+    elif (tiles := -(-m // 64) * -(-n // 64)) <= 2 * sms:
+        if 2 * tiles <= sms or (r <= WIDE_RANK and tiles <= sms):
+            cfg = (64, 32, 128, 4, 4)  # under a wave of 64 x 64 tiles: narrower ones fill the SMs
+        else:
+            cfg = (64, 64, 128, 4, 3) if r <= WIDE_RANK else (64, 64, 64, 4, 4)
     elif r <= WIDE_RANK and -(-m // 64) * -(-n // 128) <= 2 * sms:
         cfg = (64, 128, 64, 4, 4)
     else:
