@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["interpret_env", "disabled_env", "load", "jit", "int_class", "Launcher"]
+__all__ = ["interpret_env", "disabled_env", "load", "jit", "rtne_bf16", "int_class", "Launcher"]
 
 _SHARED: dict[str, Any] = {}  # "triton": module or None; "torch"; "interpreted"; "fast": bool
 
@@ -87,6 +87,30 @@ def jit(fn):
     fn.__annotations__ = {name: tl.constexpr for name, ty in fn.__annotations__.items()
                           if "constexpr" in str(ty)}
     return triton.jit(fn)
+
+
+tl: Any = None  # triton.language, bound by rtne_bf16() before its helper is jitted
+
+
+def _rtne_bf16(x):
+    # float32 -> bfloat16, round to nearest even, on the bit pattern; NaN stays (quiet) NaN
+    bits = x.to(tl.uint32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + lsb) >> 16).to(tl.uint16)
+    nan = ((bits >> 16) | 0x0040).to(tl.uint16)
+    return tl.where(x != x, nan, rounded).to(tl.bfloat16, bitcast=True)
+
+
+def rtne_bf16():
+    """The kernels' jitted float32 -> bfloat16 rounding for Triton's interpreter, whose own
+    cast truncates (on the GPU the kernels use the hardware's round-to-nearest-even cast). A
+    kernel module binds it to a global of its own before jitting its kernel, which calls it."""
+    global tl
+    if "rtne_bf16" not in _SHARED:
+        triton = load()
+        tl = triton.language
+        _SHARED["rtne_bf16"] = triton.jit(_rtne_bf16)
+    return _SHARED["rtne_bf16"]
 
 
 def int_class(v: int) -> int:

@@ -127,7 +127,7 @@ _INTERPRET_AT_IMPORT = _triton_launch.interpret_env()
 
 def _load():
     """The jitted kernel, or ``None`` where triton does not import (cached either way)."""
-    global tl, _torch
+    global tl, _torch, _rtne_bf16
     if "kernel" in _STATE:
         return _STATE["kernel"]
     triton = _triton_launch.load()
@@ -137,6 +137,7 @@ def _load():
     import torch
 
     tl = triton.language
+    _rtne_bf16 = _triton_launch.rtne_bf16()
     kernel = _triton_launch.jit(_lora_linear_kernel)
     _STATE.update(torch=torch, dtypes=(torch.bfloat16, torch.float16), bf16=torch.bfloat16,
                   interpreted=_triton_launch.interpreted(), launcher=_triton_launch.Launcher(kernel, _NAMES))
@@ -347,6 +348,7 @@ def _launch(x, W, A, B, scale, bias, sizes, config):
 
 
 tl: Any = None  # triton.language, bound by _load() before the kernel is jitted
+_rtne_bf16: Any = None  # _triton_launch.rtne_bf16(), bound by _load() before the kernel is jitted
 
 
 def _lora_linear_kernel(
@@ -421,12 +423,7 @@ def _lora_linear_kernel(
     y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn64[None, :]
     y_mask = in_m[:, None] & in_n[None, :]
     if RTNE_BF16_BY_HAND:
-        # interpreter only: float32 -> bfloat16, round to nearest even, on the bit pattern
-        bits = acc.to(tl.uint32, bitcast=True)
-        lsb = (bits >> 16) & 1
-        rounded = ((bits + 0x7FFF + lsb) >> 16).to(tl.uint16)
-        nan = ((bits >> 16) | 0x0040).to(tl.uint16)  # NaN stays (quiet) NaN
-        res = tl.where(acc != acc, nan, rounded).to(tl.bfloat16, bitcast=True)
+        res = _rtne_bf16(acc)  # interpreter only: its float32 -> bfloat16 cast truncates
     else:
         # the hardware conversion: round to nearest even (Triton's default for narrowing)
         res = acc.to(y_ptr.dtype.element_ty)

@@ -76,7 +76,7 @@ def _load():
     """The jitted kernel, or ``None`` where triton does not import (cached either way)."""
     if "kernel" in _STATE:
         return _STATE["kernel"]
-    global tl
+    global tl, _rtne_bf16
     triton = _triton_launch.load()
     if triton is None:  # not installed, or a broken install: the plain path takes over
         _STATE["kernel"] = None
@@ -84,6 +84,7 @@ def _load():
     import torch
 
     tl = triton.language
+    _rtne_bf16 = _triton_launch.rtne_bf16()
     _STATE["triton"] = triton
     _STATE["torch"] = torch
     _STATE["bf16"] = torch.bfloat16
@@ -318,6 +319,7 @@ def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list) -
 
 
 tl: Any = None  # triton.language, bound by _load() before the kernel is jitted
+_rtne_bf16: Any = None  # _triton_launch.rtne_bf16(), bound by _load() before the kernel is jitted
 
 
 def _add_matmul_kernel(
@@ -373,12 +375,7 @@ def _add_matmul_kernel(
 
     out = w.to(tl.float32) + scale * acc
     if RTNE_BF16_BY_HAND:
-        # interpreter only: float32 -> bfloat16, round to nearest even, on the bit pattern
-        bits = out.to(tl.uint32, bitcast=True)
-        lsb = (bits >> 16) & 1
-        rounded = ((bits + 0x7FFF + lsb) >> 16).to(tl.uint16)
-        nan = ((bits >> 16) | 0x0040).to(tl.uint16)  # NaN stays (quiet) NaN
-        res = tl.where(out != out, nan, rounded).to(tl.bfloat16, bitcast=True)
+        res = _rtne_bf16(out)  # interpreter only: its float32 -> bfloat16 cast truncates
     else:
         # the hardware conversion: round to nearest even (Triton's default for narrowing)
         res = out.to(w_ptr.dtype.element_ty)
