@@ -23,12 +23,17 @@ def test_the_table_names_the_fused_calls():
     if "torch" in names:
         assert capabilities.fused_available("add_matmul", names["torch"])
         assert capabilities.fused_available("add_matmul_", names["torch"])
+        assert capabilities.fused_available("add_matmul_many_", names["torch"])
     if "mlx" in names:
         assert capabilities.fused_available("add_matmul", names["mlx"])
     for plain in ("numpy", "array_api_strict", "jax"):
         if plain in names:
             assert not capabilities.fused_available("add_matmul", names[plain])
             assert not capabilities.fused_available("add_matmul_", names[plain])
+            assert not capabilities.fused_available("add_matmul_many_", names[plain])
+            # without a fused call, nothing is done in place: every item is left to the caller
+            assert capabilities.add_matmul_many_(names[plain], [None, None], [None, None], [None, None],
+                                                 scales=[1.0, 2.0]) == [False, False]
 
 
 # (leading axes, rows, columns): 2-D; batched and small (torch: matmul + add); batched and

@@ -665,7 +665,9 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Mo
     The sum is taken in float32 (float64 for float64 weights) and rounded once to the weight's
     dtype (:func:`core.merge_into`). Each layer remembers what :func:`unmerge` needs. Layers
     must be plain (not wrapped by :func:`apply`): to merge trained factors, ``a = extract(m);
-    remove(m); merge(m, a)``.
+    remove(m); merge(m, a)``. On CUDA the factors go up in pinned chunks on a side stream
+    while earlier chunks merge (one launch per group of same-shaped 16-bit weights); as with
+    any CUDA operation, the call returns with that work queued on the current stream.
     """
     strength = core.check_strength(strength)
     layers = _resolve(model, adapter, "merge")
