@@ -259,7 +259,8 @@ def _run(w, a, b, pointers, groups, aligned, config) -> None:
                        None if interpreted else w.device.index)
 
 
-def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list) -> bool:
+def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list, *,
+                                grouped: bool = False) -> bool:
     """Every ``bases[i] += scales[i] · (as_[i] @ bs[i])`` in one launch; ``True`` when done.
 
     For many weights of one shape (an 8B model's projections come in four shapes): one launch
@@ -269,6 +270,8 @@ def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list) -
     dtypes and device, every address 16-byte aligned and no two weights overlapping in
     memory (tied weights: the launch would race); else ``False`` and nothing changes (the
     caller merges them one by one). Same arithmetic as :func:`fused_add_matmul_`, bit for bit.
+    ``grouped=True``: the caller grouped them by shapes, strides, dtypes and device already
+    (the capability does), and that test is not repeated per weight.
     """
     count = len(bases)
     if count == 0 or not (len(as_) == len(bs) == len(scales) == count) or not available(bases[0]):
@@ -280,27 +283,28 @@ def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list) -
     signature = (w.shape, w.stride(), w.dtype, a.shape, a.stride(), a.dtype, b.shape, b.stride(), b.dtype,
                  w.device)
     grad = torch.is_grad_enabled()
-    ranges = []
-    size = w.element_size()
-    extent = ((w.shape[0] - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) + 1) * size
+    ws, as_ptrs, bs_ptrs = [], [], []  # the addresses, read once
     for wi, ai, bi in zip(bases, as_, bs):
-        if (wi.shape, wi.stride(), wi.dtype, ai.shape, ai.stride(), ai.dtype, bi.shape, bi.stride(), bi.dtype,
-                wi.device) != signature:
+        if not grouped and (wi.shape, wi.stride(), wi.dtype, ai.shape, ai.stride(), ai.dtype, bi.shape,
+                            bi.stride(), bi.dtype, wi.device) != signature:
             return False
         if grad and (wi.requires_grad or ai.requires_grad or bi.requires_grad):
             return False
-        if (wi.data_ptr() | ai.data_ptr() | bi.data_ptr()) % 16:
+        pw, pa, pb = wi.data_ptr(), ai.data_ptr(), bi.data_ptr()
+        if (pw | pa | pb) % 16:
             return False
-        ranges.append(wi.data_ptr())
-    ranges.sort()
-    if any(hi - lo < extent for lo, hi in zip(ranges, ranges[1:])):
+        ws.append(pw)
+        as_ptrs.append(pa)
+        bs_ptrs.append(pb)
+    starts = sorted(ws)
+    extent = ((w.shape[0] - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) + 1) * w.element_size()
+    if any(hi - lo < extent for lo, hi in zip(starts, starts[1:])):
         return False  # two weights share memory: one launch per weight keeps them in order
     if w.numel() == 0 or a.shape[1] == 0:
         return True  # w + s·0 rounds to w itself
     device = w.device
     pad = [0] * (count % 2)  # rows of an even length: each table row 16-byte aligned
-    table = torch.tensor([[t.data_ptr() for t in bases] + pad, [t.data_ptr() for t in as_] + pad,
-                          [t.data_ptr() for t in bs] + pad], dtype=torch.int64)
+    table = torch.tensor([ws + pad, as_ptrs + pad, bs_ptrs + pad], dtype=torch.int64)
     scale_table = torch.tensor([float(s) for s in scales], dtype=torch.float32)
     if device.type == "cuda":
         # pinned, and copied without waiting: the host does not stall on the GPU's queue

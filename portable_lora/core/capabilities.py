@@ -185,7 +185,7 @@ def _torch_add_matmul_many_(bases, as_, bs, scales):
     for members in groups.values():
         if len(members) > 1 and _triton_merge.try_fused_add_matmul_many_(
                 [bases[i] for i in members], [as_[i] for i in members], [bs[i] for i in members],
-                [scales[i] for i in members]):
+                [scales[i] for i in members], grouped=True):
             for i in members:
                 done[i] = True
     return done
