@@ -541,6 +541,29 @@ def test_cuda_bulk_upload_merge_of_mixed_factor_dtypes_and_unmerge():
         assert_close(npy(gpu[n].weight.float()), npy(model[n].weight.float()), "bfloat16", what=f"{n} unmerged")
 
 
+def test_a_module_registered_under_two_names_merges_and_unmerges_both():
+    """One Linear reachable as `a` and as `b`, the adapter naming both with different scales:
+    merge adds both deltas, unmerge takes each name's own merge back (not the layer's last)."""
+    shared = nn.Linear(12, 10, bias=False)
+    model = nn.Module()
+    model.a = shared
+    model.b = shared
+    original = shared.weight.detach().clone()
+    first = examples.random_adapter({"a": (10, 12)}, rank=2, alpha=2.0, seed=1)["a"]
+    second = examples.random_adapter({"b": (10, 12)}, rank=4, alpha=32.0, seed=2)["b"]
+    adapter = Adapter({"a": first, "b": second})
+    plt.merge(model, adapter)
+    expected = original.double().numpy() + first.delta_weight(np.float64) + second.delta_weight(np.float64)
+    assert_close(npy(shared.weight), expected, "float32", what="both merged")
+    plt.unmerge(model, Adapter({"a": first}))  # a's own merge (scale 1), not b's (scale 8)
+    assert_close(npy(shared.weight), original.double().numpy() + second.delta_weight(np.float64), "float32",
+                 what="a unmerged")
+    plt.unmerge(model, Adapter({"b": second}))
+    assert_close(npy(shared.weight), original.numpy(), "float32", what="both unmerged")
+    with pytest.raises(LoraError, match="'a' has no merged LoRA to unmerge"):
+        plt.unmerge(model, Adapter({"a": first}))
+
+
 def test_upload_chunk_packs_every_factor_at_its_aligned_offset():
     """The packing half of the CUDA upload, on any machine: packed, each factor's bytes sit at
     its 256-aligned offset (odd sizes, bf16/float32/float64, 1-D to 4-D, empty)."""

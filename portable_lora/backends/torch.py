@@ -475,12 +475,21 @@ def extract(model: nn.Module) -> Adapter:
 
 
 class _MergeRecord:
-    """What :func:`unmerge` needs: the scale used, and DoRA's ‖W + ΔW‖ taken before the merge."""
+    """What :func:`unmerge` needs: the scale used, DoRA's ‖W + ΔW‖ taken before the merge, and
+    the adapter's name for the layer (a module registered under two names is two merges)."""
 
-    __slots__ = ("scale", "weight_norm", "rank")
+    __slots__ = ("scale", "weight_norm", "rank", "name")
 
-    def __init__(self, scale: float, weight_norm: torch.Tensor | None, rank: int):
-        self.scale, self.weight_norm, self.rank = scale, weight_norm, rank
+    def __init__(self, scale: float, weight_norm: torch.Tensor | None, rank: int, name: str):
+        self.scale, self.weight_norm, self.rank, self.name = scale, weight_norm, rank, name
+
+
+def _last_record(layer: nn.Module, name: str) -> _MergeRecord | None:
+    """The layer's latest merge made under ``name``."""
+    for record in reversed(layer.__dict__.get(_MERGES_ATTR, ())):
+        if record.name == name:
+            return record
+    return None
 
 
 def _upload(array: Any, device: torch.device) -> torch.Tensor:
@@ -681,38 +690,38 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Mo
                 scale = module.scale * strength
                 weight, (A, B), magnitude, transposed = _merge_inputs(layer, factors)
                 if magnitude is None:
-                    plain.append((layer, (weight, A, B, scale, module.kind, transposed), module.rank))
+                    plain.append((layer, (weight, A, B, scale, module.kind, transposed), module.rank, name))
                     continue
                 norm = core.dora_weight_norm(weight, A, B, scale, module.kind, transposed=transposed, xp=_XP)
                 merged = core.merge_into(weight, A, B, scale, module.kind, magnitude=magnitude,
                                          transposed=transposed, xp=_XP)
                 weight.copy_(merged)
-                layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(scale, norm, module.rank))
+                layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(scale, norm, module.rank, name))
             # in place (one pass over each weight) where the core has a fused in-place path
-            for (layer, item, rank), merged in zip(plain, core.merge_into_many([p[1] for p in plain],
-                                                                                inplace=True, xp=_XP)):
+            for (layer, item, rank, name), merged in zip(plain, core.merge_into_many([p[1] for p in plain],
+                                                                                      inplace=True, xp=_XP)):
                 if merged is not item[0]:
                     item[0].copy_(merged)
-                layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(item[3], None, rank))
+                layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(item[3], None, rank, name))
     return model
 
 
-def _pop_record(layer: nn.Module) -> None:
+def _pop_record(layer: nn.Module, record: _MergeRecord) -> None:
     records = layer.__dict__[_MERGES_ATTR]
-    records.pop()
+    records.remove(record)
     if not records:
         del layer.__dict__[_MERGES_ATTR]
 
 
 def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
-    """Undo :func:`merge` of ``adapter`` (same strength, the last merge of each layer first)."""
+    """Undo :func:`merge` of ``adapter``: for each of its names, that name's latest merge into
+    the layer (its own scale and, for DoRA, its own weight norm), whatever merged after it."""
     layers = _resolve(model, adapter, "unmerge")
     for name, layer in layers.items():
         _dispatch(name, layer, adapter[name])
-        records = layer.__dict__.get(_MERGES_ATTR)
-        if not records:
+        record = _last_record(layer, name)
+        if record is None:
             raise LoraError(f"module {name!r} has no merged LoRA to unmerge", key=name)
-        record = records[-1]
         module = adapter[name]
         if record.rank != module.rank or (record.weight_norm is None) != (module.magnitude is None):
             raise LoraError(f"module {name!r}: the last merge was a rank {record.rank} "
@@ -723,18 +732,18 @@ def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
             plain = []  # plain LoRA: W + (−s)·BA, batched where the core can
             for name, layer, factors in batch:
                 module = adapter[name]
-                record = layer.__dict__[_MERGES_ATTR][-1]
+                record = _last_record(layer, name)
                 weight, (A, B), magnitude, transposed = _merge_inputs(layer, factors)
                 if magnitude is None:
-                    plain.append((layer, (weight, A, B, -record.scale, module.kind, transposed)))
+                    plain.append((layer, record, (weight, A, B, -record.scale, module.kind, transposed)))
                     continue
                 original = core.unmerge_from(weight, A, B, record.scale, module.kind, magnitude=magnitude,
                                              weight_norm=record.weight_norm, transposed=transposed, xp=_XP)
                 weight.copy_(original)
-                _pop_record(layer)
-            for (layer, item), original in zip(plain, core.merge_into_many([p[1] for p in plain],
-                                                                            inplace=True, xp=_XP)):
+                _pop_record(layer, record)
+            for (layer, record, item), original in zip(plain, core.merge_into_many([p[2] for p in plain],
+                                                                                    inplace=True, xp=_XP)):
                 if original is not item[0]:
                     item[0].copy_(original)
-                _pop_record(layer)
+                _pop_record(layer, record)
     return model
