@@ -141,6 +141,32 @@ def test_apply_and_merge_agree_across_frameworks(framework, dora, dtype):
     assert_close(run(ids), base_out, dtype, what=f"{framework} unmerge")
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_stacked_adapters_unmerge_in_reverse_order_in_every_framework(framework, dora):
+    """merge(A), merge(B): unmerge(A) is refused with the same error in every framework, even
+    where A and B have the same ranks and kinds (the check that used to pass there would have
+    undone A with B's records), and leaves the model as it was; B then A gives the base back.
+    An adapter loaded again (a copy) unmerges its own merge."""
+    weights = _weights()
+    first = _adapter(dora, np.float32)
+    second = pl.Adapter({n: pl.LoraModule(m.A[::-1].copy(), m.B * 0.5, m.alpha * 2, m.rule, m.kind, m.magnitude)
+                         for n, m in first.items()})
+    ids = np.array([[0, 5, 31, 7]])
+    verbs = _verbs(framework)
+    model, run = BUILD[framework](weights, "float32")
+    base_out = run(ids)
+    verbs.merge(model, first)
+    verbs.merge(model, second)
+    stacked = run(ids)
+    with pytest.raises(pl.LoraError, match="is not this adapter's; unmerge adapters in the reverse order"):
+        verbs.unmerge(model, first)
+    np.testing.assert_array_equal(run(ids), stacked)
+    verbs.unmerge(model, second)
+    verbs.unmerge(model, pl.Adapter({n: m.copy() for n, m in first.items()}))
+    assert_close(run(ids), base_out, "float32", what=f"{framework} unmerged in reverse order")
+
+
 def test_the_frameworks_under_test_are_the_required_ones():
     from conftest import required_backends
 

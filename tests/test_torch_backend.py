@@ -543,7 +543,7 @@ def test_cuda_bulk_upload_merge_of_mixed_factor_dtypes_and_unmerge():
 
 def test_a_module_registered_under_two_names_merges_and_unmerges_both():
     """One Linear reachable as `a` and as `b`, the adapter naming both with different scales:
-    merge adds both deltas, unmerge takes each name's own merge back (not the layer's last)."""
+    merge adds both deltas; unmerge takes each back with its own scale, last merged first."""
     shared = nn.Linear(12, 10, bias=False)
     model = nn.Module()
     model.a = shared
@@ -551,17 +551,45 @@ def test_a_module_registered_under_two_names_merges_and_unmerges_both():
     original = shared.weight.detach().clone()
     first = examples.random_adapter({"a": (10, 12)}, rank=2, alpha=2.0, seed=1)["a"]
     second = examples.random_adapter({"b": (10, 12)}, rank=4, alpha=32.0, seed=2)["b"]
-    adapter = Adapter({"a": first, "b": second})
-    plt.merge(model, adapter)
+    plt.merge(model, Adapter({"a": first, "b": second}))
     expected = original.double().numpy() + first.delta_weight(np.float64) + second.delta_weight(np.float64)
     assert_close(npy(shared.weight), expected, "float32", what="both merged")
-    plt.unmerge(model, Adapter({"a": first}))  # a's own merge (scale 1), not b's (scale 8)
-    assert_close(npy(shared.weight), original.double().numpy() + second.delta_weight(np.float64), "float32",
-                 what="a unmerged")
-    plt.unmerge(model, Adapter({"b": second}))
+    with pytest.raises(LoraError, match="merged last into 'a' is not this adapter's"):
+        plt.unmerge(model, Adapter({"a": first}))
+    plt.unmerge(model, Adapter({"b": second}))  # b's own scale (8), not a's (1)
+    assert_close(npy(shared.weight), original.double().numpy() + first.delta_weight(np.float64), "float32",
+                 what="b unmerged")
+    plt.unmerge(model, Adapter({"a": first}))
     assert_close(npy(shared.weight), original.numpy(), "float32", what="both unmerged")
     with pytest.raises(LoraError, match="'a' has no merged LoRA to unmerge"):
         plt.unmerge(model, Adapter({"a": first}))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_stacked_adapters_come_back_in_reverse_order_only(dora):
+    """merge(A), merge(B), unmerge(A) is refused (naming the module, W untouched) even when
+    A and B have the same rank and kind, where the scale of B's record would otherwise be
+    used with A's factors; B then A restores W. As the MLX backend does."""
+    shapes = {"proj": (10, 12)}
+    first = examples.random_adapter(shapes, rank=2, alpha=4.0, seed=1, dora=dora)
+    second = examples.random_adapter(shapes, rank=2, alpha=16.0, seed=2, dora=dora)
+    model = nn.Module()
+    model.proj = nn.Linear(12, 10, bias=False)
+    original = model.proj.weight.detach().clone()
+    plt.merge(model, first)
+    plt.merge(model, second)
+    before = model.proj.weight.detach().clone()
+    with pytest.raises(LoraError, match="merged last into 'proj' is not this adapter's; unmerge adapters in "
+                                        "the reverse order"):
+        plt.unmerge(model, first)
+    assert torch.equal(model.proj.weight, before)
+    plt.unmerge(model, second)
+    plt.unmerge(model, first)
+    assert_close(npy(model.proj.weight), original.numpy(), "float32", what="in reverse order")
+    # an adapter loaded again (other objects, same numbers) still unmerges its own merge
+    plt.merge(model, first)
+    plt.unmerge(model, Adapter({"proj": first["proj"].copy()}))
+    assert_close(npy(model.proj.weight), original.numpy(), "float32", what="reloaded adapter")
 
 
 def test_upload_chunk_packs_every_factor_at_its_aligned_offset():

@@ -55,6 +55,7 @@ from flax import nnx
 from .. import core
 from ..adapter import Adapter, LoraModule
 from ..errors import LoraError
+from . import _merged
 
 __all__ = [
     # NNX modules, in place
@@ -543,12 +544,12 @@ def apply(model: nnx.Module, adapter: Adapter, *, strength: float = 1.0, mapping
 
 @dataclass
 class _MergeRecord:
-    """What unmerging a merge(model, adapter) needs: the scale used and DoRA's ‖W + ΔW‖."""
+    """What unmerging a merge(model, adapter) needs: the scale used, DoRA's ‖W + ΔW‖, and which
+    adapter module was merged under which name."""
 
     scale: float
     weight_norm: Any
-    rank: int
-    dora: bool
+    identity: _merged.Identity
 
 
 # merges into plain modules, per module object (kept outside the module: NNX would treat
@@ -570,7 +571,7 @@ def _merge_plain(model: nnx.Module, adapter: Adapter, strength: float, mapping: 
             norm = core.dora_weight_norm(_canonical(weight[...], name, module), factors[0], factors[1],
                                          scale, module.kind, transposed=module.kind == "linear")
         weight[...] = _patched(weight[...], name, module, factors, scale)
-        _MERGES.setdefault(target, []).append(_MergeRecord(scale, norm, module.rank, module.is_dora))
+        _MERGES.setdefault(target, []).append(_MergeRecord(scale, norm, _merged.Identity(name, module)))
     return model
 
 
@@ -582,11 +583,7 @@ def _unmerge_plain(model: nnx.Module, adapter: Adapter, mapping: PathMapping) ->
         if not records:
             raise LoraError(f"module {name!r} has no LoRA merged by merge(model, adapter) (never "
                             "merged, already unmerged, or the module object was rebuilt)", key=name)
-        last = records[-1]
-        if (last.rank, last.dora) != (module.rank, module.is_dora):
-            kind = {False: "LoRA", True: "DoRA"}
-            raise LoraError(f"module {name!r}: the last merge was a rank {last.rank} {kind[last.dora]}, "
-                            f"the adapter has a rank {module.rank} {kind[module.is_dora]}", key=name)
+        _merged.check_last(records[-1].identity, name, module)  # the reverse order of merging
     for name, module, _, _, target in targets:
         weight = getattr(target, _LEAF[module.kind])
         record = _MERGES[target].pop()

@@ -60,6 +60,7 @@ from .. import core
 from ..adapter import Adapter, LoraModule
 from ..core import namespace as _namespace
 from ..errors import LoraError
+from . import _merged
 
 __all__ = ["apply", "merge", "unmerge", "remove", "extract", "set_strength", "LoraLayer",
            "LoraLinear", "LoraConv1D", "LoraConv2d", "LoraEmbedding", "to_torch", "to_numpy"]
@@ -476,20 +477,18 @@ def extract(model: nn.Module) -> Adapter:
 
 class _MergeRecord:
     """What :func:`unmerge` needs: the scale used, DoRA's ‖W + ΔW‖ taken before the merge, and
-    the adapter's name for the layer (a module registered under two names is two merges)."""
+    which adapter module was merged under which name (``_merged.Identity``)."""
 
-    __slots__ = ("scale", "weight_norm", "rank", "name")
+    __slots__ = ("scale", "weight_norm", "identity")
 
-    def __init__(self, scale: float, weight_norm: torch.Tensor | None, rank: int, name: str):
-        self.scale, self.weight_norm, self.rank, self.name = scale, weight_norm, rank, name
+    def __init__(self, scale: float, weight_norm: torch.Tensor | None, name: str, module: LoraModule):
+        self.scale, self.weight_norm, self.identity = scale, weight_norm, _merged.Identity(name, module)
 
 
-def _last_record(layer: nn.Module, name: str) -> _MergeRecord | None:
-    """The layer's latest merge made under ``name``."""
-    for record in reversed(layer.__dict__.get(_MERGES_ATTR, ())):
-        if record.name == name:
-            return record
-    return None
+def _check_last(layer: nn.Module, name: str, module: LoraModule) -> None:
+    # merges come back in the reverse order of merging, each by its own adapter
+    records = layer.__dict__.get(_MERGES_ATTR)
+    _merged.check_last(records[-1].identity if records else None, name, module)
 
 
 def _upload(array: Any, device: torch.device) -> torch.Tensor:
@@ -690,19 +689,19 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Mo
                 scale = module.scale * strength
                 weight, (A, B), magnitude, transposed = _merge_inputs(layer, factors)
                 if magnitude is None:
-                    plain.append((layer, (weight, A, B, scale, module.kind, transposed), module.rank, name))
+                    plain.append((layer, (weight, A, B, scale, module.kind, transposed), module, name))
                     continue
                 norm = core.dora_weight_norm(weight, A, B, scale, module.kind, transposed=transposed, xp=_XP)
                 merged = core.merge_into(weight, A, B, scale, module.kind, magnitude=magnitude,
                                          transposed=transposed, xp=_XP)
                 weight.copy_(merged)
-                layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(scale, norm, module.rank, name))
+                layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(scale, norm, name, module))
             # in place (one pass over each weight) where the core has a fused in-place path
-            for (layer, item, rank, name), merged in zip(plain, core.merge_into_many([p[1] for p in plain],
-                                                                                      inplace=True, xp=_XP)):
+            for (layer, item, module, name), merged in zip(plain, core.merge_into_many([p[1] for p in plain],
+                                                                                        inplace=True, xp=_XP)):
                 if merged is not item[0]:
                     item[0].copy_(merged)
-                layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(item[3], None, rank, name))
+                layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(item[3], None, name, module))
     return model
 
 
@@ -714,25 +713,19 @@ def _pop_record(layer: nn.Module, record: _MergeRecord) -> None:
 
 
 def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
-    """Undo :func:`merge` of ``adapter``: for each of its names, that name's latest merge into
-    the layer (its own scale and, for DoRA, its own weight norm), whatever merged after it."""
+    """Undo :func:`merge` of ``adapter``, which must be the last merged into each of its layers
+    (stacked adapters come back in the reverse order of merging); the scale and, for DoRA, the
+    weight norm are the ones recorded at merge time."""
     layers = _resolve(model, adapter, "unmerge")
     for name, layer in layers.items():
         _dispatch(name, layer, adapter[name])
-        record = _last_record(layer, name)
-        if record is None:
-            raise LoraError(f"module {name!r} has no merged LoRA to unmerge", key=name)
-        module = adapter[name]
-        if record.rank != module.rank or (record.weight_norm is None) != (module.magnitude is None):
-            raise LoraError(f"module {name!r}: the last merge was a rank {record.rank} "
-                            f"{'DoRA' if record.weight_norm is not None else 'LoRA'}, the adapter has a "
-                            f"rank {module.rank} {'DoRA' if module.is_dora else 'LoRA'}", key=name)
+        _check_last(layer, name, adapter[name])  # every layer checked before any changes
     with torch.no_grad():
         for batch in _device_factors(layers, adapter):
             plain = []  # plain LoRA: W + (−s)·BA, batched where the core can
             for name, layer, factors in batch:
                 module = adapter[name]
-                record = _last_record(layer, name)
+                record = layer.__dict__[_MERGES_ATTR][-1]  # checked above: this module's merge
                 weight, (A, B), magnitude, transposed = _merge_inputs(layer, factors)
                 if magnitude is None:
                     plain.append((layer, record, (weight, A, B, -record.scale, module.kind, transposed)))
