@@ -618,11 +618,14 @@ def test_cuda_chunked_upload_pipeline_with_a_cpu_layer_between(monkeypatch):
     """Factors go up chunk by chunk on a side stream while earlier chunks merge: with chunks of
     a few layers, packing threads, a CPU layer in the middle (its factors converted on their
     own), a conv and an embedding, a first merge in inference mode and a second on top, every
-    weight equals the CPU merge, and unmerging both restores it to within one rounding."""
+    weight equals the CPU merge, and after unmerging both, the CPU unmerge to within the
+    rounding of the merged weights (bfloat16 W + ΔW, with ΔW larger than W here: that
+    rounding, not the pipeline, bounds how close either comes back to W)."""
     from portable_lora.backends import torch as backend
 
     monkeypatch.setattr(backend, "_FIRST_CHUNK_BYTES", 1024)
     monkeypatch.setattr(backend, "_CHUNK_BYTES", 6000)
+    torch.manual_seed(0)
     names = [f"l{i}" for i in range(12)]
     model = nn.ModuleDict({n: nn.Linear(48 + i, 40 + 2 * i, bias=False) for i, n in enumerate(names)})
     model = model.to(torch.bfloat16)
@@ -643,13 +646,17 @@ def test_cuda_chunked_upload_pipeline_with_a_cpu_layer_between(monkeypatch):
         plt.merge(gpu, first)
     plt.merge(cpu, second)
     plt.merge(gpu, second)
+    merged = {n: npy(cpu[n].weight.float()) for n in names}
     for n in names:
-        assert_close(npy(gpu[n].weight.float().cpu()), npy(cpu[n].weight.float()), "bfloat16", what=n)
-    plt.unmerge(gpu, second)
-    plt.unmerge(gpu, first)
+        assert_close(npy(gpu[n].weight.float().cpu()), merged[n], "bfloat16", what=n)
+    for m in (gpu, cpu):
+        plt.unmerge(m, second)
+        plt.unmerge(m, first)
     for n in names:
-        assert_close(npy(gpu[n].weight.float().cpu()), npy(model[n].weight.float()), "bfloat16",
-                     what=f"{n} unmerged")
+        got, want = npy(gpu[n].weight.float().cpu()), npy(cpu[n].weight.float())
+        # a few bfloat16 ulps of the largest merged value (the two paths may round an element
+        # of W + ΔW apart by one, and DoRA's unmerge scales that)
+        assert np.max(np.abs(got - want)) <= 3e-2 * np.max(np.abs(merged[n])), f"{n} unmerged"
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
