@@ -32,7 +32,6 @@ traced with: compile again after :func:`set_strength`.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -46,6 +45,7 @@ from .. import core
 from ..adapter import Adapter, LoraModule
 from ..core._mlx_compat import namespace as _mlx_namespace
 from ..errors import LoraError
+from . import _merged
 
 _XP = _mlx_namespace()  # resolved once: the hot path passes it to the core
 
@@ -375,7 +375,7 @@ def set_strength(model: nn.Module, strength: float) -> nn.Module:
 
 @dataclass
 class _Merged:
-    fingerprint: str
+    identity: _merged.Identity     # which adapter module, under which name
     strength: float
     weight_norm: mx.array | None   # DoRA: ‖W + ΔW‖ before the merge, needed to undo it
     original: nn.Module | None     # a quantized layer replaced by the merge, restored as it was
@@ -385,16 +385,6 @@ class _Merged:
 class _MergeLog:
     # a plain object, so that mlx.nn.Module does not take the records for parameters
     entries: list[_Merged] = field(default_factory=list)
-
-
-def _fingerprint(module: LoraModule) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr((module.kind, module.rule, float(module.alpha), module.A.shape,
-                        module.B.shape, str(module.A.dtype))).encode())
-    for array in (module.A, module.B, module.magnitude):
-        if array is not None:
-            digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def _log(layer: nn.Module) -> _MergeLog:
@@ -469,7 +459,7 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0,
             layer.weight = merged
             target = layer
         mx.eval(target.parameters())  # materialise now, releasing the old weight's graph
-        _log(target).entries.append(_Merged(_fingerprint(module), strength, norm,
+        _log(target).entries.append(_Merged(_merged.Identity(name, module), strength, norm,
                                             layer if quantized else None))
     if requantize and not erased:
         warnings.warn("merge(requantize=True): none of the merged layers was quantized, so "
@@ -497,9 +487,7 @@ def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
         if not entries:
             raise LoraError(f"unmerge: module {name!r} has no LoRA merged by portable_lora.mlx.merge "
                             "(never merged, already unmerged, or merged in another process)", key=name)
-        if entries[-1].fingerprint != _fingerprint(module):
-            raise LoraError(f"unmerge: the LoRA merged last into {name!r} is not this adapter's; "
-                            "unmerge adapters in the reverse order of merging", key=name)
+        _merged.check_last(entries[-1].identity, name, module)  # the reverse order of merging
     for name, layer, module in targets:
         record = _log(layer).entries.pop()
         if record.original is not None:
