@@ -60,7 +60,7 @@ def _torch_add_matmul(base, a, b, scale, overwrite=False):
     # out-of-place addmm first copies base into a new output, a read and a write of it more
     # (an H100, 4096 tokens x 14336: ~80 us of a 900 us layer)
     overwrite = overwrite and base.is_contiguous()
-    if overwrite and base.is_cuda and _large_outside_tracing(base) and _triton_add_(base, a, b, scale):
+    if overwrite and base.is_cuda and _triton_add_(base, a, b, scale):
         return base
     if a.ndim == 2:
         return base.addmm_(a, b, alpha=scale) if overwrite else base.addmm(a, b, alpha=scale)
@@ -87,22 +87,17 @@ _FLATTEN_MIN_ELEMENTS = 1 << 14
 _TRITON_ADD_MIN_ELEMENTS = 1 << 23
 
 
-def _large_outside_tracing(base) -> bool:
+def _triton_add_(base, a, b, scale, min_elements: int = _TRITON_ADD_MIN_ELEMENTS) -> bool:
+    """``base += scale · (a @ b)`` by the Triton merge kernel: 16-bit ``base`` of at least
+    ``min_elements`` on CUDA (2-D ``a`` or leading axes flattened), outside ``torch.compile``
+    tracing; ``False`` (``base`` untouched) where it does not run. Same arithmetic as a 16-bit
+    addmm_: exact products, float32 sums, the sum with ``base`` in float32, one
+    round-to-nearest-even."""
+    import torch
+
     # tracing first: under torch.compile the size test would become a guard on the traced
     # shapes (a recompile each time it flips, and fullgraph compiles hit the recompile limit)
-    import torch
-
-    return not torch.compiler.is_compiling() and base.numel() >= _TRITON_ADD_MIN_ELEMENTS
-
-
-def _triton_add_(base, a, b, scale) -> bool:
-    """``base += scale · (a @ b)`` by the Triton merge kernel: 16-bit ``base`` on CUDA (2-D
-    ``a`` or leading axes flattened), outside ``torch.compile`` tracing; ``False`` (``base``
-    untouched) where it does not run. Same arithmetic as a 16-bit addmm_: exact products,
-    float32 sums, the sum with ``base`` in float32, one round-to-nearest-even."""
-    import torch
-
-    if base.element_size() != 2 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or base.element_size() != 2 or base.numel() < min_elements:
         return False
     from . import _triton_merge
 
