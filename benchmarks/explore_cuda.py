@@ -8,7 +8,9 @@ benchmarks/NOTES.md §13). One GPU, bfloat16, CUDA graphs unless said otherwise:
   configs, against the plain linear: where ``config_for``'s choices come from;
 * ``merge``: ``plt.merge`` + ``plt.unmerge`` of an 8B model's projections (rank 16, factors in
   host memory) against a device copy of the weights, over the upload's packing threads and
-  chunk sizes, with and without the grouped launch, and a host-time line of one merge.
+  chunk sizes, with and without the grouped launch, and a host-time line of one merge;
+* ``compiled``: ``torch.compile`` of our layer with the custom op and without it (the unfused
+  ops compiled by inductor), against the compiled plain linear and our eager layer.
 
     python3 benchmarks/explore_cuda.py --out DIR [--only add,tiles,merge]   # ~1 min
 """
@@ -208,7 +210,77 @@ def merge(out: dict, settings) -> None:
     out["merge"] = res
 
 
-SECTIONS = {"add": add, "tiles": tiles, "merge": merge}
+def compiled(out: dict, settings) -> None:
+    """torch.compile (inductor, dynamic=True, fullgraph=True) of our layer with the custom op
+    (``torch.ops.portable_lora.linear_lora``) and without it (the unfused ops inductor
+    compiles: ``_triton_linear._OP`` set to None around its calls), against the compiled plain
+    linear and our eager layer; then the GPU's kernels of one compiled call at 4096 tokens."""
+    import torch._dynamo
+
+    from portable_lora.core import _triton_linear
+
+    torch._dynamo.config.recompile_limit = 64  # (this exploration only: variants side by side)
+    op = _triton_linear._OP
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for in_f, out_f in SIZES:
+        n = bt._layer_count(in_f * out_f * 2, "cuda")
+        bases = [bt.make_linear(in_f, out_f, torch.bfloat16, "cuda", gen) for _ in range(n)]
+        factors = [tuple(t.cuda() for t in bt.make_factors(in_f, out_f, 16, torch.bfloat16, gen)) for _ in range(n)]
+        ours = [bt.ours_wrap(b, A, B, 32.0) for b, (A, B) in zip(bases, factors)]
+        lin_c = [torch.compile(m, fullgraph=True, dynamic=True) for m in bases]
+        ours_c = [torch.compile(m, fullgraph=True, dynamic=True) for m in ours]
+        for T in (1, 16, 256, 4096):
+            x = torch.randn(1, T, in_f, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+
+            def calls(ms, with_op=True):
+                def run():
+                    _triton_linear._OP = op if with_op else None
+                    try:
+                        for m in ms:
+                            y = m(x)
+                    finally:
+                        _triton_linear._OP = op
+                    return y
+                return run
+
+            fns = {"linear_c": calls(lin_c), "ours_eager": calls(ours), "ours_c_op": calls(ours_c),
+                   "ours_c_unfused": calls(ours_c, False)}
+            want = fns["ours_eager"]()
+            for k in ("ours_c_op", "ours_c_unfused"):
+                err = bt._rel_err(fns[k](), want)
+                assert err < 1e-2, (k, T, err)
+            t = compare(fns, settings)
+            row = {"case": f"{in_f}->{out_f} r16 T{T}", "linear_c_us": round(t["linear_c"] / n * 1e6, 1)}
+            for k in ("ours_eager", "ours_c_op", "ours_c_unfused"):
+                row[f"{k}/linear_c"] = round(t[k] / t["linear_c"], 3)
+            # the GPU's own time per layer call (CUDA events over 20 rotations), to tell host from GPU
+            for k in ("linear_c", "ours_c_op", "ours_c_unfused"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                for _ in range(20):
+                    fns[k]()
+                end.record()
+                torch.cuda.synchronize()
+                row[f"{k} wall_us(GPU-timed)"] = round(start.elapsed_time(end) * 1e3 / 20 / n, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if T == 4096:
+                from torch.profiler import ProfilerActivity, profile
+
+                for k in ("ours_c_op", "ours_eager"):
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        fns[k]()
+                        torch.cuda.synchronize()
+                    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=6)
+                    print(f"# kernels of {k}, {in_f}->{out_f} T4096, {n} layers:\n{table}", flush=True)
+                    out.setdefault("compiled_kernels", {})[f"{k} {in_f}->{out_f}"] = table
+        del bases, ours, lin_c, ours_c
+    out["compiled"] = rows
+
+
+SECTIONS = {"add": add, "tiles": tiles, "merge": merge, "compiled": compiled}
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE.parent))  # the library from this checkout, installe
 from _common import Results, Settings, environment, markdown_tables, write_json  # noqa: E402
 
 SECTIONS = ("forward", "forward_mlx", "forward_jax", "merge", "convert", "dispatch", "stream")
+MODES = ("eager", "cudagraph", "compiled", "compiled-cg")
 
 
 def _plan(quick: bool, device: str) -> dict:
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(HERE / "out"), help="folder for the JSON and Markdown")
     parser.add_argument("--tiny", action="store_true",
                         help="smallest sizes in every section (to test the CUDA script's logic on CPU)")
+    parser.add_argument("--modes", default="",
+                        help="comma-separated forward modes to run instead of the plan's: eager, cudagraph, "
+                             "compiled, compiled-cg (torch.compile mode='reduce-overhead')")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop starting new forward configurations after this many seconds")
     args = parser.parse_args(argv)
@@ -70,6 +74,12 @@ def main(argv=None) -> int:
 
     settings = Settings.for_mode(args.quick, args.device)
     plan = _plan(args.quick, args.device)
+    if args.modes:
+        modes = [m for m in args.modes.split(",") if m]
+        bad = set(modes) - set(MODES)
+        if bad:
+            parser.error(f"unknown mode(s) {sorted(bad)}; choose from {MODES}")
+        plan["modes"] = modes
     if args.tiny:
         plan.update(sizes=[(256, 512)], ranks=[8], tokens=[1, 16], merge_layers=1, stream_mb=16,
                     cpu_sizes=[(256, 512)])
@@ -150,6 +160,12 @@ def main(argv=None) -> int:
         run("stream", stream)
     for mode in plan["modes"]:
         if mode.startswith("compiled"):
+            # each compiled mode starts from dynamo's empty cache: its graphs (one per layer
+            # shape, T = 1 specialised) would otherwise count against the recompile limit of
+            # the mode before
+            import torch._dynamo
+
+            torch._dynamo.reset()
             run("forward", forward([mode]))
 
     results.environment["seconds"] = round(time.perf_counter() - started, 1)

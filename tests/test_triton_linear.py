@@ -255,25 +255,65 @@ def declines(torch, device) -> dict:
 
 
 def compile_check(torch, device) -> dict:
-    """Under ``torch.compile(fullgraph=True)`` the layer traces with no graph break (the
-    capability declines while tracing) and gives the unfused result."""
+    """Under ``torch.compile(fullgraph=True)`` the layer traces with no graph break into one
+    ``portable_lora::linear_lora`` op (inference), which gives the eager layer's result bit for
+    bit: the kernel's at T <= MAX_TOKENS and, above that, the unfused path's. Compiled with
+    inductor and ``dynamic=True``, one graph serves every token count (the op tests sizes
+    when it runs): no recompile from T = 2 to T = 300. With autograd to record, the graph keeps
+    the unfused ops and gradients reach the factors."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     from portable_lora import examples
     from portable_lora import torch as plt
+    from portable_lora.core import _triton_linear
 
     torch._dynamo.reset()
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(16, 12)).to(device=device, dtype=torch.bfloat16)
     model = plt.apply(model, examples.random_adapter({"0": (12, 16)}, rank=4, seed=1))
+    layer = model[0]
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def ops(gm):
+        return sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+
+    out: dict = {"op_registered": _triton_linear._OP is not None}
     x = torch.randn(2, 16).to(device=device, dtype=torch.bfloat16)
     with torch.inference_mode():
         explanation = torch._dynamo.explain(model)(x)
-        compiled = torch.compile(model, fullgraph=True, backend="eager")
-        got = compiled(x)
-        want = unfused(torch, x, model[0].base.weight, model[0].lora_A, model[0].lora_B,
-                       model[0].base.bias, model[0].scale)
-    return {"graph_breaks": explanation.graph_break_count, "equal_unfused": bool(torch.equal(got, want))}
+        out["graph_breaks"] = explanation.graph_break_count
+        got = torch.compile(model, fullgraph=True, backend=capture)(x)
+        out["traced_ops"] = ops(graphs[-1])
+        out["equal_eager"] = bool(torch.equal(got, model(x)))
+        out["eager_is_kernel"] = bool(torch.equal(model(x), _triton_linear.lora_linear(
+            x, layer.base.weight, layer.lora_A, layer.lora_B, layer.scale, layer.base.bias)))
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)  # inductor
+        equal = []
+        for shape in ((2, 16), (7, 16), (300, 16), (3, 5, 16)):  # 300 > MAX_TOKENS: unfused in the op
+            xs = torch.randn(*shape).to(device=device, dtype=torch.bfloat16)
+            equal.append(bool(torch.equal(compiled(xs), model(xs))))
+            if len(shape) == 2:  # (a 3-D x is a graph of its own)
+                out["inductor_frames"] = int(counters["stats"]["unique_graphs"])
+        out["inductor_equal_eager"] = equal
+    # training: the op has no backward, so the traced graph keeps the unfused ops
+    torch._dynamo.reset()
+    graphs.clear()
+    xg = x.clone().requires_grad_(True)
+    y = torch.compile(model, fullgraph=True, backend=capture)(xg)
+    out["train_ops_have_linear_lora"] = any("linear_lora" in o for o in ops(graphs[-1]))
+    y.float().sum().backward()
+    out["train_grad"] = layer.lora_B.grad is not None and bool(torch.isfinite(layer.lora_B.grad).all())
+    out["train_equal_unfused"] = bool(torch.equal(y.detach(), unfused(
+        torch, x, layer.base.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach(),
+        layer.base.bias.detach(), layer.scale)))
+    return out
 
 
 # -- the interpreter on the CPU, in a subprocess ---------------------------------------------------
@@ -321,7 +361,12 @@ def _check_declines(stats):
 
 def _check_compile(stats):
     assert "error" not in stats, stats.get("error")
-    assert stats["graph_breaks"] == 0 and stats["equal_unfused"], stats
+    assert stats["op_registered"] and stats["graph_breaks"] == 0, stats
+    assert stats["traced_ops"] == ["portable_lora.linear_lora.default"], stats
+    assert stats["equal_eager"] and stats["eager_is_kernel"], stats
+    assert stats["inductor_equal_eager"] == [True] * 4 and stats["inductor_frames"] == 1, stats
+    assert not stats["train_ops_have_linear_lora"] and stats["train_grad"], stats
+    assert stats["train_equal_unfused"], stats
 
 
 def test_layer_under_the_interpreter(interpreted):

@@ -26,7 +26,9 @@ the term back to the output's dtype).
 
 ``torch.compile(model, fullgraph=True)`` traces through the wrappers with no graph break: every
 core call gets the torch namespace, resolved once at import, as ``xp=``, so a compiled graph
-holds only torch ops.
+holds only torch ops, and for a 16-bit CUDA ``nn.Linear`` layer in inference (where triton is
+installed) one op of this library's, ``torch.ops.portable_lora.linear_lora``: the fused Triton
+forward the eager layer runs (see :mod:`portable_lora.core._triton_linear`).
 
 >>> import torch
 >>> import portable_lora as pl
@@ -58,6 +60,7 @@ from torch import nn
 
 from .. import core
 from ..adapter import Adapter, LoraModule
+from ..core import _triton_linear
 from ..core import namespace as _namespace
 from ..errors import LoraError
 from . import _merged
@@ -120,6 +123,12 @@ def _runs_plain_linear(layer: nn.Module) -> bool:
 
 
 # -- torch.compile support ---------------------------------------------------------------------------
+
+# torch.ops.portable_lora.linear_lora: under torch.compile the fused forward is one opaque op in
+# the graph (it runs the Triton kernel where the eager layer would, the unfused ops elsewhere);
+# defined here, with torch already imported, so that no trace ever has to define it (a no-op
+# where triton is not installed or PORTABLE_LORA_TRITON=0)
+_triton_linear.register_op()
 
 # -- the wrapper layers ---------------------------------------------------------------------------------
 

@@ -22,9 +22,17 @@ Where it runs (:func:`try_lora_linear`, else ``None`` and the caller takes the u
 CUDA tensors of one device and one 16-bit dtype, W (N, K), A (r, K), B (N, r), bias (N,) or
 none, x (..., K) (any strides; reshaped to (M, K)), r ≤ 128, 1 ≤ M ≤ :data:`MAX_TOKENS` (and,
 for r > :data:`WIDE_RANK`, M ≤ :data:`WIDE_MAX_TOKENS` in a layer of more than two waves of
-64 x 64 output tiles or while a CUDA graph is being captured), no autograd to record (grad mode off, or nothing requires grad), not inside
-``torch.compile``'s tracing (the compiled graph keeps the unfused ops), and
-``PORTABLE_LORA_TRITON`` not ``0``. With more tokens the layer is compute-bound, cuBLAS's GEMM
+64 x 64 output tiles or while a CUDA graph is being captured), no autograd to record (grad
+mode off, or nothing requires grad), and ``PORTABLE_LORA_TRITON`` not ``0``.
+
+Under ``torch.compile``: where :func:`register_op` has run (``portable_lora.torch`` does it at
+import) and triton is installed, a traced call with operands the kernel may take (one 16-bit
+dtype, CUDA, 2-D factors, r ≤ 128, no autograd to record) becomes one opaque custom op,
+``torch.ops.portable_lora.linear_lora``, in the graph: at run time it takes the kernel where
+the eager call would and the unfused ops otherwise (its shape tests run then, on real sizes, so
+they add no guards and no recompiles). The compiled graph then launches what the eager layer
+launches (inductor would otherwise compile the three unfused GEMMs). Elsewhere, and for a
+traced call the op does not take, the graph keeps the unfused ops. With more tokens the layer is compute-bound, cuBLAS's GEMM
 beats a Triton GEMM, and recomputing ``x @ Aᵀ`` in every column tile costs r/BLOCK_N extra MMA
 work: the unfused path is faster there (measured: see the tile table below).
 
@@ -44,7 +52,7 @@ from typing import Any
 from . import _triton_launch
 
 __all__ = ["MAX_TOKENS", "MAX_RANK", "WIDE_RANK", "WIDE_MAX_TOKENS", "available", "supports",
-           "config_for", "lora_linear", "try_lora_linear"]
+           "config_for", "lora_linear", "try_lora_linear", "register_op"]
 
 MAX_RANK = 128  # xa's float32 accumulator (BLOCK_M x r) stays in registers up to here
 MAX_TOKENS = 256  # above this, the unfused path: cuBLAS's GEMM beats this kernel (see below)
@@ -229,11 +237,15 @@ def try_lora_linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = No
     """
     if not x.is_cuda and not _INTERPRET_AT_IMPORT:
         return None  # the common CPU case: nothing else to test, nothing imported
+    # tracing first, and by a test that does not change once the kernel is loaded (a guard
+    # on _torch would recompile the graph after the op's first run loaded it)
+    if _IS_COMPILING is not None and _IS_COMPILING():
+        return _traced_call(x, W, A, B, scale, bias)  # the op, or None: the unfused ops
     torch = _torch
     if torch is None:
         return _first_call(x, W, A, B, scale, bias)
-    if torch.compiler.is_compiling():
-        return None  # a compiled graph keeps the unfused ops (no graph break here)
+    if _IS_COMPILING is None and torch.compiler.is_compiling():
+        return None  # no op registered: a compiled graph keeps the unfused ops
     if not x.is_cuda and not (_STATE["interpreted"] and x.device.type == "cpu"):
         return None
     if "failed" in _STATE or _triton_launch.disabled_env():
@@ -259,9 +271,90 @@ def try_lora_linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = No
 def _first_call(x, W, A, B, scale, bias):
     import torch
 
-    if torch.compiler.is_compiling() or not available(x):
-        return None  # (triton is loaded outside tracing only; a CPU tensor never loads it)
+    if torch.compiler.is_compiling():
+        # (triton is loaded outside tracing only: the op loads it when it first runs)
+        return _traced_call(x, W, A, B, scale, bias)
+    if not available(x):
+        return None  # (a CPU tensor never loads triton)
     return try_lora_linear(x, W, A, B, scale, bias)
+
+
+# -- torch.compile: the layer as one opaque custom op ------------------------------------------------
+
+_OP: Any = None  # torch.ops.portable_lora.linear_lora.default, once register_op() has run
+_IS_COMPILING: Any = None  # torch.compiler.is_compiling, once register_op() has run
+_OP_STATE: dict[str, Any] = {}  # "library": the torch.library.Library that owns the op
+
+
+def _traced_call(x, W, A, B, scale, bias):
+    """While ``torch.compile`` traces: the custom op, where it may take these operands, else
+    ``None`` (the unfused ops). Only tests that hold for every size: dtypes, devices, ranks,
+    autograd (which dynamo guards on anyway); the op tests the sizes when it runs."""
+    op = _OP
+    if op is None:
+        return None
+    dt = x.dtype
+    if dt not in _OP_STATE["dtypes"] or W.dtype != dt or A.dtype != dt or B.dtype != dt:
+        return None
+    if not (x.is_cuda or _INTERPRET_AT_IMPORT) or not (W.is_cuda == A.is_cuda == B.is_cuda == x.is_cuda):
+        return None
+    if W.dim() != 2 or A.dim() != 2 or B.dim() != 2 or x.dim() == 0 or not 1 <= A.shape[0] <= MAX_RANK:
+        return None
+    if bias is not None and (bias.dtype != dt or bias.dim() != 1):
+        return None
+    if _OP_STATE["torch"].is_grad_enabled() and (
+            x.requires_grad or W.requires_grad or A.requires_grad or B.requires_grad
+            or (bias is not None and bias.requires_grad)):
+        return None  # the op has no backward: autograd records the unfused ops
+    return op(x, W, A, B, float(scale), bias)
+
+
+def _op_impl(x, W, A, B, scale, bias):
+    """The op at run time: the kernel where :func:`try_lora_linear` takes the operands, else
+    the unfused forward (``F.linear``, then the LoRA term added into its output), as the eager
+    layer runs them. Always contiguous, as the op's fake says."""
+    out = try_lora_linear(x, W, A, B, scale, bias)
+    if out is None:
+        from . import lora
+
+        torch = _OP_STATE["torch"]
+        out = lora.add_lora_output(torch.nn.functional.linear(x, W, bias), x, A, B, scale,
+                                   xp=_OP_STATE["xp"], overwrite=True)
+    return out if out.is_contiguous() else out.contiguous()
+
+
+def _op_fake(x, W, A, B, scale, bias):
+    return x.new_empty((*x.shape[:-1], W.shape[0]))
+
+
+def register_op() -> bool:
+    """Define ``torch.ops.portable_lora.linear_lora(x, W, A, B, scale, bias)`` (once per
+    process) and let traced forwards use it (see the module docstring). Nothing is defined,
+    and ``False`` is returned, where triton is not installed (the op would only ever run the
+    unfused ops, which inductor compiles better) or ``PORTABLE_LORA_TRITON=0``. Imports torch,
+    not triton (the op loads the kernel the first time it runs)."""
+    global _OP, _IS_COMPILING
+    if _OP is not None:
+        return True
+    import importlib.util
+
+    if _triton_launch.disabled_env() or importlib.util.find_spec("triton") is None:
+        return False
+    import torch
+
+    from .namespace import array_namespace
+
+    lib = torch.library.Library("portable_lora", "FRAGMENT")
+    lib.define("linear_lora(Tensor x, Tensor W, Tensor A, Tensor B, float scale, Tensor? bias) -> Tensor")
+    # one Python kernel for every device (the CPU: the interpreter's tests, and the unfused
+    # ops for anything else): the dispatcher calls it directly, no wrapper of torch.library's
+    lib.impl("linear_lora", _op_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake("portable_lora::linear_lora", _op_fake, lib=lib)
+    _OP_STATE.update(library=lib, torch=torch, dtypes=(torch.bfloat16, torch.float16),
+                     xp=array_namespace(torch.empty(0)))
+    _OP = torch.ops.portable_lora.linear_lora.default
+    _IS_COMPILING = torch.compiler.is_compiling
+    return True
 
 
 _NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "NUM_K", "EVEN_K", "HAS_BIAS", "WIDEN",

@@ -17,9 +17,10 @@ Two things the standard cannot say:
   takes ``add_matmul_`` one by one.
 * ``linear_lora``: the whole LoRA linear forward ``x @ Wᵀ + bias + scale · (x @ Aᵀ) @ Bᵀ``
   in one call, inference only (torch: a fused Triton kernel, ``_triton_linear``, for 16-bit
-  CUDA tensors with no autograd to record, outside ``torch.compile`` tracing, up to
-  ``_triton_linear.MAX_TOKENS`` tokens). It returns ``None`` wherever it does not apply, and
-  the caller takes the plain path: ``x @ Wᵀ (+ bias)`` then :func:`add_matmul`.
+  CUDA tensors with no autograd to record, up to ``_triton_linear.MAX_TOKENS`` tokens; while
+  ``torch.compile`` traces, one custom op that runs that kernel where it applies). It returns
+  ``None`` wherever it does not apply, and the caller takes the plain path: ``x @ Wᵀ (+ bias)``
+  then :func:`add_matmul`.
 
 Each entry maps a namespace family (see :func:`namespace_family`) to a function. A family not
 in the table uses the fallback. Nothing here imports a framework at import time.
