@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401 - torch._dynamo.reset() between compiled configurations
 import torch.nn.functional as F
 from torch import nn
 
@@ -192,10 +193,13 @@ def forward(results: Results, settings: Settings, *, sizes, ranks, tokens, dtype
                 if mode.startswith("compiled"):
                     # fullgraph=True for ours and the simple peers; PEFT's forward has Python
                     # branches that dynamo may split, so it gets the default (graph breaks allowed).
-                    # dynamic=True and no reset between configurations: one dynamic graph per
-                    # variant serves every size, rank and T > 1 (T = 1 is specialised), so the
-                    # pass compiles a handful of graphs instead of one per configuration.
+                    # dynamic=True: one dynamic graph per variant serves every T > 1 (T = 1 is
+                    # specialised; ours splits once more above the fused kernel's token range).
+                    # Each layer shape is a graph of its own (parameter shapes are static), and
+                    # dynamo's recompile limit (8 per code object: here every layer of a variant
+                    # shares its forward) counts them all: its cache is emptied per size and rank.
                     # "compiled-cg": mode="reduce-overhead", inductor's CUDA graphs
+                    torch._dynamo.reset()
                     options = {"mode": "reduce-overhead"} if mode == "compiled-cg" else {}
                     layers = {name: [torch.compile(m, fullgraph=not name.startswith("peft"), dynamic=True,
                                                    **options) for m in ms]

@@ -207,6 +207,22 @@ def merge(out: dict, settings) -> None:
     for at, label, took in sorted(marks):
         print(f"  {at:7.2f} ms  {label:18s} {took:6.2f} ms")
     res["line"] = sorted(marks)
+
+    # where the calling thread's time goes: cProfile over 5 merge + unmerge pairs
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(5):
+        pair()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    print(text.getvalue(), flush=True)
+    res["profile"] = text.getvalue()
     out["merge"] = res
 
 
@@ -223,14 +239,15 @@ def compiled(out: dict, settings) -> None:
     op = _triton_linear._OP
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for in_f, out_f in SIZES:
+    for (in_f, out_f), rank in zip(SIZES, RANKS):
         n = bt._layer_count(in_f * out_f * 2, "cuda")
         bases = [bt.make_linear(in_f, out_f, torch.bfloat16, "cuda", gen) for _ in range(n)]
-        factors = [tuple(t.cuda() for t in bt.make_factors(in_f, out_f, 16, torch.bfloat16, gen)) for _ in range(n)]
-        ours = [bt.ours_wrap(b, A, B, 32.0) for b, (A, B) in zip(bases, factors)]
+        factors = [tuple(t.cuda() for t in bt.make_factors(in_f, out_f, rank, torch.bfloat16, gen))
+                   for _ in range(n)]
+        ours = [bt.ours_wrap(b, A, B, 2.0 * rank) for b, (A, B) in zip(bases, factors)]
         lin_c = [torch.compile(m, fullgraph=True, dynamic=True) for m in bases]
         ours_c = [torch.compile(m, fullgraph=True, dynamic=True) for m in ours]
-        for T in (1, 16, 256, 4096):
+        for T in (16, 256, 4096):
             x = torch.randn(1, T, in_f, generator=gen).to(device="cuda", dtype=torch.bfloat16)
 
             def calls(ms, with_op=True):
@@ -244,15 +261,25 @@ def compiled(out: dict, settings) -> None:
                     return y
                 return run
 
+            parts = [(m.base.weight, m.lora_A, m.lora_B, m.scale) for m in ours]
+
+            def op_eager(fn):
+                def run():
+                    for W, A, B, s in parts:
+                        y = fn(x, W, A, B, s, None)
+                    return y
+                return run
+
             fns = {"linear_c": calls(lin_c), "ours_eager": calls(ours), "ours_c_op": calls(ours_c),
-                   "ours_c_unfused": calls(ours_c, False)}
+                   "ours_c_unfused": calls(ours_c, False), "op_called_eagerly": op_eager(op),
+                   "op_impl_direct": op_eager(_triton_linear._op_impl)}
             want = fns["ours_eager"]()
             for k in ("ours_c_op", "ours_c_unfused"):
                 err = bt._rel_err(fns[k](), want)
                 assert err < 1e-2, (k, T, err)
             t = compare(fns, settings)
-            row = {"case": f"{in_f}->{out_f} r16 T{T}", "linear_c_us": round(t["linear_c"] / n * 1e6, 1)}
-            for k in ("ours_eager", "ours_c_op", "ours_c_unfused"):
+            row = {"case": f"{in_f}->{out_f} r{rank} T{T}", "linear_c_us": round(t["linear_c"] / n * 1e6, 1)}
+            for k in ("ours_eager", "ours_c_op", "ours_c_unfused", "op_called_eagerly", "op_impl_direct"):
                 row[f"{k}/linear_c"] = round(t[k] / t["linear_c"], 3)
             # the GPU's own time per layer call (CUDA events over 20 rotations), to tell host from GPU
             for k in ("linear_c", "ours_c_op", "ours_c_unfused"):

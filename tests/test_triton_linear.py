@@ -257,10 +257,10 @@ def declines(torch, device) -> dict:
 def compile_check(torch, device) -> dict:
     """Under ``torch.compile(fullgraph=True)`` the layer traces with no graph break into one
     ``portable_lora::linear_lora`` op (inference), which gives the eager layer's result bit for
-    bit: the kernel's at T <= MAX_TOKENS and, above that, the unfused path's. Compiled with
-    inductor and ``dynamic=True``, one graph serves every token count (the op tests sizes
-    when it runs): no recompile from T = 2 to T = 300. With autograd to record, the graph keeps
-    the unfused ops and gradients reach the factors."""
+    bit (the kernel's). Compiled with inductor and ``dynamic=True``, one graph serves T = 2 to
+    MAX_TOKENS and one more the longer inputs (unfused ops, equal to the eager unfused path
+    within rounding). With autograd to record, the graph keeps the unfused ops and gradients
+    reach the factors."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -295,13 +295,21 @@ def compile_check(torch, device) -> dict:
         torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, fullgraph=True, dynamic=True)  # inductor
-        equal = []
-        for shape in ((2, 16), (7, 16), (300, 16), (3, 5, 16)):  # 300 > MAX_TOKENS: unfused in the op
+        equal, frames = [], []
+        for shape in ((2, 16), (7, 16), (256, 16), (3, 5, 16)):
             xs = torch.randn(*shape).to(device=device, dtype=torch.bfloat16)
             equal.append(bool(torch.equal(compiled(xs), model(xs))))
-            if len(shape) == 2:  # (a 3-D x is a graph of its own)
-                out["inductor_frames"] = int(counters["stats"]["unique_graphs"])
+            frames.append(int(counters["stats"]["unique_graphs"]))
         out["inductor_equal_eager"] = equal
+        out["inductor_frames"] = frames  # a 3-D x is a graph of its own
+        # above MAX_TOKENS: a graph of the unfused ops, no op in it
+        graphs.clear()
+        xl = torch.randn(300, 16).to(device=device, dtype=torch.bfloat16)
+        long_out = torch.compile(model, fullgraph=True, dynamic=True, backend=capture)(xl)
+        out["long_traced_ops_have_linear_lora"] = any("linear_lora" in o for o in ops(graphs[-1]))
+        out["long_vs_unfused"] = float(((long_out.double() - unfused(
+            torch, xl, layer.base.weight, layer.lora_A, layer.lora_B, layer.base.bias, layer.scale).double()).abs().max()
+            / long_out.double().abs().max()))
     # training: the op has no backward, so the traced graph keeps the unfused ops
     torch._dynamo.reset()
     graphs.clear()
@@ -364,7 +372,8 @@ def _check_compile(stats):
     assert stats["op_registered"] and stats["graph_breaks"] == 0, stats
     assert stats["traced_ops"] == ["portable_lora.linear_lora.default"], stats
     assert stats["equal_eager"] and stats["eager_is_kernel"], stats
-    assert stats["inductor_equal_eager"] == [True] * 4 and stats["inductor_frames"] == 1, stats
+    assert stats["inductor_equal_eager"] == [True] * 4 and stats["inductor_frames"] == [1, 1, 1, 2], stats
+    assert not stats["long_traced_ops_have_linear_lora"] and stats["long_vs_unfused"] < 1e-2, stats
     assert not stats["train_ops_have_linear_lora"] and stats["train_grad"], stats
     assert stats["train_equal_unfused"], stats
 

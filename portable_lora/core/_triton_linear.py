@@ -28,11 +28,13 @@ mode off, or nothing requires grad), and ``PORTABLE_LORA_TRITON`` not ``0``.
 Under ``torch.compile``: where :func:`register_op` has run (``portable_lora.torch`` does it at
 import) and triton is installed, a traced call with operands the kernel may take (one 16-bit
 dtype, CUDA, 2-D factors, r ≤ 128, no autograd to record) becomes one opaque custom op,
-``torch.ops.portable_lora.linear_lora``, in the graph: at run time it takes the kernel where
-the eager call would and the unfused ops otherwise (its shape tests run then, on real sizes, so
-they add no guards and no recompiles). The compiled graph then launches what the eager layer
-launches (inductor would otherwise compile the three unfused GEMMs). Elsewhere, and for a
-traced call the op does not take, the graph keeps the unfused ops. With more tokens the layer is compute-bound, cuBLAS's GEMM
+``torch.ops.portable_lora.linear_lora``, in the graph, up to :data:`MAX_TOKENS` tokens
+(:data:`WIDE_MAX_TOKENS` for r > :data:`WIDE_RANK`): a guard on the token count, so a dynamic
+graph splits there once. At run time the op takes the kernel where the eager call would (its
+other tests run then, on real sizes: no more guards) and the unfused ops otherwise. The
+compiled graph then launches what the eager layer launches (inductor would otherwise compile
+the three unfused GEMMs). Elsewhere, and above those token counts, the graph keeps the unfused
+ops. With more tokens the layer is compute-bound, cuBLAS's GEMM
 beats a Triton GEMM, and recomputing ``x @ Aᵀ`` in every column tile costs r/BLOCK_N extra MMA
 work: the unfused path is faster there (measured: see the tile table below).
 
@@ -299,6 +301,16 @@ def _traced_call(x, W, A, B, scale, bias):
     if not (x.is_cuda or _INTERPRET_AT_IMPORT) or not (W.is_cuda == A.is_cuda == B.is_cuda == x.is_cuda):
         return None
     if W.dim() != 2 or A.dim() != 2 or B.dim() != 2 or x.dim() == 0 or not 1 <= A.shape[0] <= MAX_RANK:
+        return None
+    # the token count, a guard under dynamic shapes: above the kernel's range the graph keeps
+    # the unfused ops (inductor compiles them). Run by the op, that path measured up to 1.5x
+    # slower on an H100 than inductor's own graph at 4096 tokens (idle GPU between the calls,
+    # not slower kernels), where the eager call of the op was not (benchmarks/NOTES.md §14).
+    # At most three graphs per layer shape: T = 1 (which dynamo specialises anyway), 2..limit,
+    # and above; r > WIDE_RANK: a limit of WIDE_MAX_TOKENS (the eager call takes the kernel up
+    # to MAX_TOKENS in small layers only)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if m > (MAX_TOKENS if A.shape[0] <= WIDE_RANK else WIDE_MAX_TOKENS):
         return None
     if bias is not None and (bias.dtype != dt or bias.dim() != 1):
         return None

@@ -302,14 +302,20 @@ def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list, *
         return False  # two weights share memory: one launch per weight keeps them in order
     if w.numel() == 0 or a.shape[1] == 0:
         return True  # w + s·0 rounds to w itself
+    import numpy as np
+
     device = w.device
-    pad = [0] * (count % 2)  # rows of an even length: each table row 16-byte aligned
-    table = torch.tensor([ws + pad, as_ptrs + pad, bs_ptrs + pad], dtype=torch.int64)
-    scale_table = torch.tensor([float(s) for s in scales], dtype=torch.float32)
+    # one table, one upload: rows of the weights', A's and B's addresses, then the float32
+    # scales (rows of an even length: each row 16-byte aligned)
+    width = count + count % 2
+    host = np.zeros((4, width), dtype=np.int64)
+    host[0, :count], host[1, :count], host[2, :count] = ws, as_ptrs, bs_ptrs
+    host[3].view(np.float32)[:count] = scales
+    table = torch.from_numpy(host)
     if device.type == "cuda":
         # pinned, and copied without waiting: the host does not stall on the GPU's queue
         table = table.pin_memory().to(device, non_blocking=True)
-        scale_table = scale_table.pin_memory().to(device, non_blocking=True)
+    scale_table = table[3].view(torch.float32)
     try:
         _run(w, a, b, (table[0], table[1], table[2], scale_table, 1.0), count, (True, True, True), None)
     except Exception as exc:  # noqa: BLE001 - a compile/launch failure: one by one instead
