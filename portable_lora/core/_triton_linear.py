@@ -34,7 +34,9 @@ graph splits there once. At run time the op takes the kernel where the eager cal
 other tests run then, on real sizes: no more guards) and the unfused ops otherwise. The
 compiled graph then launches what the eager layer launches (inductor would otherwise compile
 the three unfused GEMMs). Elsewhere, and above those token counts, the graph keeps the unfused
-ops. With more tokens the layer is compute-bound, cuBLAS's GEMM
+ops. A graph saved with ``torch.export`` then holds the op too: import ``portable_lora.torch``
+before loading it, or export with ``PORTABLE_LORA_TRITON=0`` (set before that import) to keep
+plain ATen ops only. With more tokens the layer is compute-bound, cuBLAS's GEMM
 beats a Triton GEMM, and recomputing ``x @ Aᵀ`` in every column tile costs r/BLOCK_N extra MMA
 work: the unfused path is faster there (measured: see the tile table below).
 
