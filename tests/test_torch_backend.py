@@ -4,9 +4,11 @@ and peer checks against PEFT and a hand merge of ``Adapter.delta_weight`` on tin
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -466,6 +468,23 @@ def test_compile_fullgraph_has_no_graph_break(dora):
         for got, want in zip(compiled(*MIXED_INPUTS), run_mixed(plt.remove(copy.deepcopy(model)))):
             if not dora:
                 assert torch.equal(got, want)
+
+
+def test_compiled_op_is_defined_only_where_triton_may_run():
+    """``import portable_lora.torch`` defines ``torch.ops.portable_lora.linear_lora`` (the
+    fused forward as one op in compiled graphs) where triton is installed, and not with
+    ``PORTABLE_LORA_TRITON=0``: then compiled graphs hold plain ATen ops only."""
+    import importlib.util
+
+    code = ("import torch, portable_lora.torch; from portable_lora.core import _triton_linear as t; "
+            "print(t._OP is not None, hasattr(torch.ops.portable_lora, 'linear_lora'))")
+    root = str(Path(__file__).resolve().parent.parent)
+    for value, want in (("0", "False False"), ("1", "True True" if importlib.util.find_spec("triton") else "False False")):
+        env = dict(os.environ, PORTABLE_LORA_TRITON=value,
+                   PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split()[-2:] == want.split(), (value, proc.stdout)
 
 
 def test_compile_fullgraph_trains_a_llama():

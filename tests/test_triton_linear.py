@@ -283,6 +283,18 @@ def compile_check(torch, device) -> dict:
         return sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
 
     out: dict = {"op_registered": _triton_linear._OP is not None}
+    # torch.library's own checks of the op: schema, fake (shapes and strides against the real
+    # kernel's output), autograd registration, and AOT dispatch with dynamic shapes
+    opcheck = {}
+    bf16 = {"device": device, "dtype": torch.bfloat16}
+    Wc, Ac, Bc, bc = (torch.randn(12, 16).to(**bf16), torch.randn(4, 16).to(**bf16),
+                      torch.randn(12, 4).to(**bf16), torch.randn(12).to(**bf16))
+    for label, args in (("2d bias", (torch.randn(3, 16).to(**bf16), Wc, Ac, Bc, 2.0, bc)),
+                        ("3d", (torch.randn(3, 1, 16).to(**bf16), Wc, Ac, Bc, 0.5, None)),
+                        ("unfused T300", (torch.randn(300, 16).to(**bf16), Wc, Ac, Bc, 1.0, None))):
+        results = torch.library.opcheck(_triton_linear._OP, args)
+        opcheck[label] = sorted(k for k, v in results.items() if v != "SUCCESS")
+    out["opcheck_failures"] = opcheck
     x = torch.randn(2, 16).to(device=device, dtype=torch.bfloat16)
     with torch.inference_mode():
         explanation = torch._dynamo.explain(model)(x)
@@ -370,6 +382,7 @@ def _check_declines(stats):
 def _check_compile(stats):
     assert "error" not in stats, stats.get("error")
     assert stats["op_registered"] and stats["graph_breaks"] == 0, stats
+    assert stats["opcheck_failures"] == {"2d bias": [], "3d": [], "unfused T300": []}, stats
     assert stats["traced_ops"] == ["portable_lora.linear_lora.default"], stats
     assert stats["equal_eager"] and stats["eager_is_kernel"], stats
     assert stats["inductor_equal_eager"] == [True] * 4 and stats["inductor_frames"] == [1, 1, 1, 2], stats
