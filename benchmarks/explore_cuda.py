@@ -8,7 +8,8 @@ benchmarks/NOTES.md §13). One GPU, bfloat16, CUDA graphs unless said otherwise:
   configs, against the plain linear: where ``config_for``'s choices come from;
 * ``merge``: ``plt.merge`` + ``plt.unmerge`` of an 8B model's projections (rank 16, factors in
   host memory) against a device copy of the weights, over the upload's packing threads and
-  chunk sizes, with and without the grouped launch, and a host-time line of one merge;
+  chunk sizes, without grouped launches, grouped from per-factor views, and from stacked
+  factors (the default), and a host-time line of one merge;
 * ``compiled``: ``torch.compile`` of our layer with the custom op and without it (the unfused
   ops compiled by inductor), against the compiled plain linear and our eager layer.
 
@@ -159,9 +160,14 @@ def merge(out: dict, settings) -> None:
     pair()
     res = {"copy_ms": best_ms(copy)}
     defaults = backend._PACK_THREADS, backend._FIRST_CHUNK_BYTES, backend._CHUNK_BYTES
-    grouped = capabilities.CAPABILITIES["add_matmul_many_"].pop("torch")
+    # without the grouped launches: every layer its own launch; then grouped, but from a view
+    # per factor (merge_into_many: the path before stacked uploads)
+    grouped = {k: capabilities.CAPABILITIES[k].pop("torch") for k in ("add_matmul_many_", "add_matmul_stacked_")}
     res["ungrouped pair ms"] = best_ms(pair)
-    capabilities.CAPABILITIES["add_matmul_many_"]["torch"] = grouped
+    capabilities.CAPABILITIES["add_matmul_many_"]["torch"] = grouped["add_matmul_many_"]
+    res["grouped, views per factor pair ms"] = best_ms(pair)
+    capabilities.CAPABILITIES["add_matmul_stacked_"]["torch"] = grouped["add_matmul_stacked_"]
+    res["stacked (default) pair ms"] = best_ms(pair)
     for threads in (0, 2, 4, 8):
         for first, chunk in ((1 << 20, 8 << 20), (2 << 20, 16 << 20), (4 << 20, 32 << 20)):
             backend._PACK_THREADS, backend._FIRST_CHUNK_BYTES, backend._CHUNK_BYTES = threads, first, chunk
@@ -190,6 +196,7 @@ def merge(out: dict, settings) -> None:
 
     timed(backend, "_upload_chunk", "upload")
     timed(core, "merge_into_many", "merge launches")
+    timed(core, "merge_into_stacked", "stacked launches")
     timed(futures.Future, "result", "wait for packing")
     timed(backend._Chunk, "pack", "pack (thread)")
     try:
@@ -307,7 +314,73 @@ def compiled(out: dict, settings) -> None:
     out["compiled"] = rows
 
 
-SECTIONS = {"add": add, "tiles": tiles, "merge": merge, "compiled": compiled}
+def accumulate(out: dict, settings) -> None:
+    """The unfused forward with the LoRA term computed first and the base GEMM accumulated
+    into it (``C = s·(x@Aᵀ)@Bᵀ``, then ``C.addmm_(x, Wᵀ)``: cuBLAS reads C in its epilogue,
+    beta = 1) against the library's path (``F.linear``, then the LoRA term added into its
+    output: a read and a write of the output more) and the fused kernel, 256-4096 tokens,
+    CUDA graphs and eager; then each variant's kernels at 4096 tokens (4096², r = 16)."""
+    from portable_lora import core
+    from portable_lora.core import _triton_linear
+
+    zero = torch.zeros((), device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for label, parts in layer_sets(torch.Generator().manual_seed(0)):
+        bias = torch.randn(parts[0][0].shape[0], device="cuda", dtype=torch.bfloat16)
+        for T in (256, 1024, 4096):
+            x = torch.randn(T, parts[0][0].shape[1], device="cuda", dtype=torch.bfloat16)
+
+            def current(W, A, B):
+                return core.add_lora_output(F.linear(x, W), x, A, B, 2.0, overwrite=True)
+
+            def first_alpha(W, A, B):
+                return torch.addmm(zero, x @ A.T, B.T, beta=0, alpha=2.0).addmm_(x, W.T)
+
+            def first_mul(W, A, B):
+                return ((x @ A.T).mul_(2.0) @ B.T).addmm_(x, W.T)
+
+            def first_bias(W, A, B):
+                return torch.addmm(bias, x @ A.T, B.T, alpha=2.0).addmm_(x, W.T)
+
+            fns = {"linear": lambda W, A, B: F.linear(x, W), "current": current,
+                   "first_alpha": first_alpha, "first_mul": first_mul,
+                   "linear_bias": lambda W, A, B: F.linear(x, W, bias), "first_bias": first_bias}
+            if T <= 256:
+                fns["fused"] = lambda W, A, B: _triton_linear.lora_linear(x, W, A, B, 2.0)
+            W, A, B = parts[0]
+            want = (x.double() @ W.double().T + 2.0 * (x.double() @ A.double().T) @ B.double().T)
+            errs = {}
+            for k in ("current", "first_alpha", "first_mul") + (("fused",) if T <= 256 else ()):
+                got = fns[k](W, A, B).double()
+                errs[k] = float((got - want).abs().max() / want.abs().max())
+            got = first_bias(W, A, B).double()
+            errs["first_bias"] = float((got - want - bias.double()).abs().max() / want.abs().max())
+            runs = {k: rotation(parts, f) for k, f in fns.items()}
+            graphs = compare({k: bt._cuda_graph(f) for k, f in runs.items()}, settings)
+            eager = compare(runs, settings)
+            row = {"case": f"{label} T{T}", "linear_us": round(graphs["linear"] / len(parts) * 1e6, 1),
+                   "max_err/max|y|": {k: f"{v:.2e}" for k, v in errs.items()}}
+            for mode, t in (("graphs", graphs), ("eager", eager)):
+                for k in fns:
+                    if k in ("linear", "linear_bias"):
+                        continue
+                    ref = t["linear_bias"] if k == "first_bias" else t["linear"]
+                    row[f"{mode} {k}/linear"] = round(t[k] / ref, 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if T == 4096 and label == "4096->4096 r16":
+                from torch.profiler import ProfilerActivity, profile
+
+                for k in ("linear", "current", "first_alpha"):
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        runs[k]()
+                        torch.cuda.synchronize()
+                    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=6)
+                    print(f"# kernels of {k}, {label} T4096, {len(parts)} layers:\n{table}", flush=True)
+    out["accumulate"] = rows
+
+
+SECTIONS = {"add": add, "tiles": tiles, "merge": merge, "compiled": compiled, "accumulate": accumulate}
 
 
 def main() -> int:

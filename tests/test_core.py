@@ -126,6 +126,29 @@ def test_merge_into_many_equals_merge_into_one_by_one(backend, dtype, inplace):
     assert core.merge_into_many([]) == []
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_merge_into_stacked_equals_merge_into_one_by_one(backend, dtype, inplace):
+    """Factors stacked (count, r, in) and (count, out, r), as a merge uploads a group of
+    same-shaped layers: each result equals merge_into's with that member's factors and scale,
+    and the inputs of the out-of-place call stay."""
+    count, r = 3, 4
+    A, B = rand(count, r, 12), rand(count, 10, r)
+    Ws = [rand(10, 12) for _ in range(count)]
+    scales = [0.5, -1.25, 2.0]
+    expect = [W + s * (B[i] @ A[i]) for i, (W, s) in enumerate(zip(Ws, scales))]
+    targets = [backend.to(W, dtype) for W in Ws]
+    got = core.merge_into_stacked(targets, backend.to(A, dtype), backend.to(B, dtype), scales, inplace=inplace)
+    assert len(got) == count
+    for i, (g, e) in enumerate(zip(got, expect)):
+        assert_close(backend.back(g), e, dtype, what=f"member {i}")
+        if not inplace or g is not targets[i]:
+            np.testing.assert_array_equal(backend.back(targets[i]), backend.back(backend.to(Ws[i], dtype)))
+    assert core.merge_into_stacked([], A, B, []) == []
+    with pytest.raises(ValueError, match="2 weights, 2 scales, factors stacked 3 \\(A\\) and 3 \\(B\\)"):
+        core.merge_into_stacked(targets[:2], backend.to(A, dtype), backend.to(B, dtype), scales[:2])
+
+
 def ref_dora_weight(W, A, B, s, m):
     comb = W + s * B @ A
     return m[:, None] * comb / np.linalg.norm(comb, axis=1, keepdims=True)

@@ -612,30 +612,79 @@ def test_stacked_adapters_come_back_in_reverse_order_only(dora):
 
 
 def test_upload_chunk_packs_every_factor_at_its_aligned_offset():
-    """The packing half of the CUDA upload, on any machine: packed, each factor's bytes sit at
-    its 256-aligned offset (odd sizes, bf16/float32/float64, 1-D to 4-D, empty)."""
+    """The packing half of the CUDA upload, on any machine: same-shaped plain linear layers'
+    factors go in stacked (their A's back to back, then their B's: one view each, member i
+    the i-th layer's), every other layer's one by one (odd sizes, bf16/float32/float64, a
+    DoRA magnitude, a conv's 4-D factors, an empty factor, a stack key seen once), every
+    block at a 256-aligned offset; the views read back exactly the packed arrays."""
     from portable_lora.backends import torch as backend
 
     rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal((3, 7)).astype(ml_dtypes.bfloat16), rng.standard_normal(5).astype(np.float32),
-              rng.standard_normal((2, 3, 3, 1)), rng.standard_normal((40, 33)).astype(np.float32),
-              np.zeros((0, 4), np.float32), rng.standard_normal((16, 300)).astype(ml_dtypes.bfloat16)]
+
+    def arr(shape, dtype=np.float32):
+        return rng.standard_normal(shape).astype(dtype)
+
+    bf16 = ml_dtypes.bfloat16
+    layers = [  # (name, stack key, arrays)
+        ("q0", "q", [arr((3, 7), bf16), arr((5, 3), bf16)]),
+        ("odd", None, [arr((3, 7), bf16), arr((5, 3), bf16), arr(5)]),  # DoRA
+        ("q1", "q", [arr((3, 7), bf16), arr((5, 3), bf16)]),
+        ("conv", None, [arr((2, 3, 3, 1), np.float64), arr((4, 2, 1, 1), np.float64)]),
+        ("v0", "v", [arr((4, 33)), arr((40, 4))]),
+        ("q2", "q", [arr((3, 7), bf16), arr((5, 3), bf16)]),
+        ("v1", "v", [arr((4, 33)), arr((40, 4))]),
+        ("empty", None, [np.zeros((0, 4), np.float32), np.zeros((6, 0), np.float32)]),
+        ("alone", "k", [arr((16, 300), bf16), arr((2, 16), bf16)]),
+    ]
     chunk = backend._Chunk(torch.device("cpu"))
-    for i, a in enumerate(arrays):
-        chunk.add(f"m{i // 2}", i % 2, a)
+    for name, key, arrays in layers:
+        chunk.add(name, key, arrays)
+    chunk.layout()
     assert chunk.nbytes % 256 == 0
+    assert [names for names, _, _ in chunk.stacks] == [["q0", "q1", "q2"], ["v0", "v1"]]
+    assert [name for name, _ in chunk.singles] == ["odd", "conv", "empty", "alone"]
     chunk.staging = np.full(chunk.nbytes, 0xAB, np.uint8)
     chunk.pack()
-    for (_, _, a, offset), expected in zip(chunk.items, arrays):
-        assert offset % 256 == 0
-        got = chunk.staging[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
-        np.testing.assert_array_equal(got, expected)
+    singles, stacks = backend._chunk_views(chunk, torch.from_numpy(chunk.staging))
+    given = {name: arrays for name, _, arrays in layers}
+    for names, A, B in stacks:
+        assert A.data_ptr() % 256 == B.data_ptr() % 256 == chunk.staging.ctypes.data % 256
+        for i, name in enumerate(names):
+            np.testing.assert_array_equal(npy(A[i]), given[name][0].astype(np.float32), err_msg=name)
+            np.testing.assert_array_equal(npy(B[i]), given[name][1].astype(np.float32), err_msg=name)
+    for name, factors in singles:
+        expected = given[name] + [None] * (3 - len(given[name]))
+        for got, want in zip(factors, expected):
+            if want is None:
+                assert got is None
+                continue
+            assert want.size == 0 or (got.data_ptr() - chunk.staging.ctypes.data) % 256 == 0
+            assert tuple(got.shape) == want.shape
+            np.testing.assert_array_equal(npy(got.float()), want.astype(np.float32), err_msg=name)
+
+
+def test_stack_key_groups_only_plain_linear_layers_of_one_shape():
+    from portable_lora.backends import torch as backend
+
+    adapter = examples.random_adapter({"a": (10, 12), "b": (10, 12), "c": (10, 14)}, rank=2)
+    dora = examples.random_adapter({"a": (10, 12)}, rank=2, dora=True)["a"]
+    lin = {n: nn.Linear(12 if n != "c" else 14, 10, bias=False) for n in "abc"}
+
+    def key(n, module):
+        return backend._stack_key(lin[n], module, [module.A, module.B])
+
+    assert key("a", adapter["a"]) == key("b", adapter["b"]) is not None
+    assert key("c", adapter["c"]) != key("a", adapter["a"])
+    assert key("a", dora) is None
+    conv = examples.random_adapter({"k": (8, 3, 3, 3)}, rank=2, kind="conv")["k"]
+    assert backend._stack_key(nn.Conv2d(3, 8, 3, bias=False), conv, [conv.A, conv.B]) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_chunked_upload_pipeline_with_a_cpu_layer_between(monkeypatch):
     """Factors go up chunk by chunk on a side stream while earlier chunks merge: with chunks of
-    a few layers, packing threads, a CPU layer in the middle (its factors converted on their
+    a few layers, same-shaped layers stacked (one launch each group), packing threads, a CPU
+    layer in the middle (its factors converted on their
     own), a conv and an embedding, a first merge in inference mode and a second on top, every
     weight equals the CPU merge, and after unmerging both, the CPU unmerge to within the
     rounding of the merged weights (bfloat16 W + ΔW, with ΔW larger than W here: that
@@ -646,7 +695,8 @@ def test_cuda_chunked_upload_pipeline_with_a_cpu_layer_between(monkeypatch):
     monkeypatch.setattr(backend, "_CHUNK_BYTES", 6000)
     torch.manual_seed(0)
     names = [f"l{i}" for i in range(12)]
-    model = nn.ModuleDict({n: nn.Linear(48 + i, 40 + 2 * i, bias=False) for i, n in enumerate(names)})
+    # three shapes, four layers each: the first adapter's factors go up stacked per shape
+    model = nn.ModuleDict({n: nn.Linear(48 + i % 3, 40 + 2 * (i % 3), bias=False) for i, n in enumerate(names)})
     model = model.to(torch.bfloat16)
     shapes = {n: tuple(model[n].weight.shape) for n in names}
     first = examples.random_adapter(shapes, rank=4, dtype=ml_dtypes.bfloat16, seed=1)

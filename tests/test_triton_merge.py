@@ -210,9 +210,11 @@ def _interpreter_worker() -> None:
 
 def measure_grouped(torch, device, shape=(40, 72), rank=8, count=3) -> dict:
     """One launch for several same-shaped weights (``try_fused_add_matmul_many_``, through
-    ``core.merge_into_many``): bit for bit the per-weight kernel, for bf16 and float32
+    ``core.merge_into_many``, and ``try_fused_add_matmul_stacked_``, through
+    ``core.merge_into_stacked``): bit for bit the per-weight kernel, for bf16 and float32
     factors, an odd count (padded tables) and different scales; and the cases it must
-    refuse, untouched: a weight listed twice (tied), shapes that differ."""
+    refuse, untouched: a weight listed twice (tied), shapes that differ, a stack of the wrong
+    depth or with misaligned members."""
     from portable_lora import core
     from portable_lora.core import _triton_merge
 
@@ -230,13 +232,30 @@ def measure_grouped(torch, device, shape=(40, 72), rank=8, count=3) -> dict:
         name = str(factor_dtype).split(".")[-1]
         out[f"{name} in place"] = all(m is t for m, t in zip(merged, targets))
         out[f"{name} same as one by one"] = all(bool(torch.equal(m, o)) for m, o in zip(merged, one_by_one))
+        # the factors stacked (as a merge uploads a group): the same launch from the stack
+        stacked = [W.clone() for W in Ws]
+        merged = core.merge_into_stacked(stacked, torch.stack(As), torch.stack(Bs), scales, inplace=True)
+        out[f"{name} stacked in place"] = all(m is t for m, t in zip(merged, stacked))
+        out[f"{name} stacked same as one by one"] = all(bool(torch.equal(m, o)) for m, o in zip(merged, one_by_one))
     W, A, B = Ws[0].clone(), As[0].to(torch.bfloat16), Bs[0].to(torch.bfloat16)
     before = W.clone()
     out["tied refused"] = not _triton_merge.try_fused_add_matmul_many_([W, W], [B, B], [A, A], [1.0, 1.0])
     other = torch.zeros(shape[0], shape[1] + 16, dtype=torch.bfloat16, device=device)
     out["shapes refused"] = not _triton_merge.try_fused_add_matmul_many_(
         [W, other], [B, B], [A, torch.zeros(rank, shape[1] + 16, dtype=torch.bfloat16, device=device)], [1.0, 1.0])
+    As2, Bs2 = torch.stack([A, A]), torch.stack([B, B])
+    out["stacked tied refused"] = not _triton_merge.try_fused_add_matmul_stacked_([W, W], Bs2, As2, [1.0, 1.0])
+    out["stacked count refused"] = not _triton_merge.try_fused_add_matmul_stacked_([W], Bs2, As2, [1.0])
+    # a stack whose members are not 16-byte aligned (one bf16 element off): refused
+    odd = torch.zeros(2 * B.numel() + 1, dtype=torch.bfloat16, device=device)[1:].view(2, *B.shape)
+    out["stacked misaligned refused"] = not _triton_merge.try_fused_add_matmul_stacked_(
+        [W, W.clone()], odd, As2, [1.0, 1.0])
     out["refused untouched"] = bool(torch.equal(W, before))
+    # tied weights through the core: one by one, in order, the same as two single merges
+    tied = W.clone()
+    core.merge_into_stacked([tied, tied], As2, Bs2, [1.0, 0.5], inplace=True)
+    twice = _triton_merge.fused_add_matmul_(_triton_merge.fused_add_matmul_(W.clone(), B, A, 1.0), B, A, 0.5)
+    out["stacked tied one by one"] = bool(torch.equal(tied, twice))
     return out
 
 

@@ -519,39 +519,100 @@ _CHUNK_BYTES = 16 << 20
 # caller's Python holds it in between)
 _PACK_THREADS = 4
 _COPY_STREAMS: dict[int, Any] = {}  # device index -> the side stream factor uploads run on
-_PADDING = torch.zeros(_UPLOAD_ALIGN, dtype=torch.uint8)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _UPLOAD_ALIGN) * _UPLOAD_ALIGN
 
 
 class _Chunk:
-    """Consecutive layers' factors for one CUDA device, packed into one pinned buffer."""
+    """Consecutive layers' factors for one CUDA device, packed into one pinned buffer.
+
+    Layers of one stack key (plain linear LoRA, the same weight shape and factor shapes and
+    dtypes: an 8B model's 32 layers have four) go in as two blocks, their A's back to back,
+    then their B's: one device view each, and one launch for the group
+    (``core.merge_into_stacked``), without a view or a check per factor. Every other layer's
+    factors go in one by one.
+    """
 
     def __init__(self, device: torch.device):
         self.device, self.nbytes, self.host, self.staging = device, 0, None, None
-        self.items: list[tuple[str, int, np.ndarray, int]] = []  # (name, slot, array, offset)
+        self.layers: list[tuple[str, tuple | None, list[np.ndarray]]] = []  # (name, stack key, arrays)
+        self.items: list[tuple[np.ndarray, int]] = []  # (array, offset): what pack() copies
+        # (names, (offset, first A), (offset, first B)): a group's stacked blocks
+        self.stacks: list[tuple[list[str], tuple[int, np.ndarray], tuple[int, np.ndarray]]] = []
+        self.singles: list[tuple[str, list[tuple[np.ndarray, int]]]] = []  # (name, [(array, offset)])
 
-    def add(self, name: str, slot: int, array: np.ndarray) -> None:
-        self.items.append((name, slot, array, self.nbytes))
-        self.nbytes += -(-array.nbytes // _UPLOAD_ALIGN) * _UPLOAD_ALIGN
+    def add(self, name: str, key: tuple | None, arrays: list[np.ndarray]) -> None:
+        self.layers.append((name, key, arrays))
+        self.nbytes += sum(_aligned(array.nbytes) for array in arrays)  # layout() makes it exact
+
+    def layout(self) -> None:
+        """Every array's offset in the buffer: each stack key of two or more layers as its two
+        blocks, then the other layers' arrays, every block and array 256-byte aligned."""
+        groups: dict[tuple, list[tuple[str, list[np.ndarray]]]] = {}
+        for name, key, arrays in self.layers:
+            if key is not None:
+                groups.setdefault(key, []).append((name, arrays))
+        offset, stacked = 0, set()
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            blocks = []
+            for slot in (0, 1):
+                first = members[0][1][slot]
+                blocks.append((offset, first))
+                for _, arrays in members:
+                    self.items.append((arrays[slot], offset))
+                    offset += first.nbytes
+                offset = _aligned(offset)
+            names = [name for name, _ in members]
+            self.stacks.append((names, blocks[0], blocks[1]))
+            stacked.update(names)
+        for name, _, arrays in self.layers:
+            if name in stacked:
+                continue
+            placed = []
+            for array in arrays:
+                placed.append((array, offset))
+                offset = _aligned(offset + array.nbytes)
+            self.items.extend(placed)
+            self.singles.append((name, placed))
+        self.nbytes = offset
 
     def pack(self) -> None:
         """Copy the chunk's factors into ``staging`` (its pinned buffer) at their offsets."""
         staging = self.staging
-        for _, _, array, offset in self.items:
+        for array, offset in self.items:
             staging[offset:offset + array.nbytes] = array.reshape(-1).view(np.uint8)
 
 
+def _stack_key(layer: nn.Module, module: LoraModule, arrays: list[np.ndarray]) -> tuple | None:
+    """What layers must share to merge from stacked factors (``core.merge_into_stacked``):
+    plain linear LoRA on a 2-D (out, in) weight of one shape, strides, dtype and device, and
+    factors of one shape and dtype; ``None`` for every other layer."""
+    if module.magnitude is not None or module.kind != "linear" or _is_transformers_conv1d(layer):
+        return None
+    weight = layer.weight
+    if weight.ndim != 2:
+        return None
+    A, B = arrays
+    return (weight.shape, weight.stride(), weight.dtype, weight.device, A.shape, A.dtype, B.shape, B.dtype)
+
+
 def _device_factors(layers: dict[str, nn.Module], adapter: Adapter):
-    """Lists of ``(name, layer, (A, B, magnitude))``, every layer once, in order, the factors
-    on the layer's weight's device (``magnitude`` ``None`` for plain LoRA): one list per
-    uploaded chunk, and one per layer off CUDA.
+    """Per uploaded chunk (and per layer off CUDA), the layers' factors on their weight's
+    device, every layer once, in order: ``(singles, stacks)``, ``singles`` a list of ``(name,
+    layer, (A, B, magnitude))`` (``magnitude`` ``None`` for plain LoRA) and ``stacks`` a list
+    of ``(members, A, B)``: ``members`` ``(name, layer)`` pairs, ``A`` and ``B`` their factors
+    stacked (count, r, in) and (count, out, r) (see :class:`_Chunk`).
 
     To CUDA, factors do not go one copy each (two per layer: on an H100 host an 8B model's 448
     pageable uploads cost ~35 ms against ~10 ms of merge kernels). Consecutive layers' factors
     are packed into pinned chunks (by :data:`_PACK_THREADS` threads, from the moment a chunk
     is planned), and each chunk goes up with one asynchronous copy on a side stream. The
     current stream waits for a chunk's copy only before that chunk's layers are yielded, so
-    the merges of one chunk run on the GPU while later chunks are packed and copied; each
-    chunk's plain-LoRA layers merge together (``core.merge_into_many``: one launch per shape).
+    the merges of one chunk run on the GPU while later chunks are packed and copied.
     Elsewhere each factor is converted on its own.
     """
     plan: list[tuple[str, _Chunk | None]] = []
@@ -562,6 +623,7 @@ def _device_factors(layers: dict[str, nn.Module], adapter: Adapter):
 
     def close(chunk: _Chunk, last: bool = False) -> None:
         nonlocal pool
+        chunk.layout()
         # the caching host allocator keeps a pinned buffer until every copy from it has run
         chunk.host = torch.empty(chunk.nbytes, dtype=torch.uint8, pin_memory=True)
         chunk.staging = chunk.host.numpy()
@@ -589,32 +651,27 @@ def _device_factors(layers: dict[str, nn.Module], adapter: Adapter):
                     close(chunk)
                 chunk = _Chunk(device)
                 chunks.append(chunk)
-            arrays = [module.A, module.B] + ([] if module.magnitude is None else [module.magnitude])
-            for slot, array in enumerate(arrays):
-                chunk.add(name, slot, np.ascontiguousarray(array))
-            plan.append((name, chunk))
+                plan.append(("", chunk))
+            arrays = [np.ascontiguousarray(module.A), np.ascontiguousarray(module.B)]
+            key = None
+            if module.magnitude is None:
+                key = _stack_key(layer, module, arrays)
+            else:
+                arrays.append(np.ascontiguousarray(module.magnitude))
+            chunk.add(name, key, arrays)
         if chunk is not None:
             close(chunk, last=True)
-        batch: list[tuple] = []
-        current = None
         for name, chunk in plan:
-            layer = layers[name]
-            if chunk is None or chunk is not current:
-                if batch:
-                    yield batch
-                batch = []
-            current = chunk
             if chunk is None:
-                yield [(name, layer, _factors_one_by_one(layer, adapter[name]))]
+                layer = layers[name]
+                yield [(name, layer, _factors_one_by_one(layer, adapter[name]))], []
                 continue
-            if not batch:  # the chunk's first layer: its bytes go up now
-                future = packing.pop(id(chunk), None)
-                if future is not None:
-                    future.result()
-                on_device = _upload_chunk(chunk)
-            batch.append((name, layer, tuple(on_device[name])))
-        if batch:
-            yield batch
+            future = packing.pop(id(chunk), None)
+            if future is not None:
+                future.result()
+            singles, stacks = _upload_chunk(chunk)
+            yield ([(name, layers[name], factors) for name, factors in singles],
+                   [([(name, layers[name]) for name in names], A, B) for names, A, B in stacks])
     finally:
         if pool is not None:
             for future in packing.values():
@@ -628,9 +685,10 @@ def _factors_one_by_one(layer: nn.Module, module: LoraModule) -> tuple:
     return _upload(module.A, device), _upload(module.B, device), magnitude
 
 
-def _upload_chunk(chunk: _Chunk) -> dict[str, list]:
+def _upload_chunk(chunk: _Chunk) -> tuple[list, list]:
     """One asynchronous copy of the chunk's bytes on the device's side stream; the current
-    stream waits for it. Returns each layer's ``[A, B, magnitude]`` views into the copy."""
+    stream waits for it. Returns views into the copy: ``[(name, (A, B, magnitude))]`` for the
+    single layers and ``[(names, A, B)]`` for the stacked groups (``A`` (count, r, in))."""
     device = chunk.device
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _COPY_STREAMS.get(index)
@@ -647,17 +705,32 @@ def _upload_chunk(chunk: _Chunk) -> dict[str, list]:
     flat.record_stream(current)
     current.wait_event(done)
     chunk.host = chunk.staging = None
-    out: dict[str, list] = {}
+    return _chunk_views(chunk, flat)
+
+
+def _chunk_views(chunk: _Chunk, flat: torch.Tensor) -> tuple[list, list]:
+    """The chunk's factors as views into ``flat``, its packed bytes (uint8): see
+    :func:`_upload_chunk`."""
     typed: dict[Any, torch.Tensor] = {}  # flat seen as each factor dtype (offsets stay aligned)
-    for name, slot, array, offset in chunk.items:
+
+    def view(array: np.ndarray, offset: int, count: int | None = None) -> torch.Tensor:
         dtype = _torch_dtype(array.dtype)
-        view = typed.get(dtype)
-        if view is None:
-            view = typed[dtype] = flat.view(dtype)
+        flat_typed = typed.get(dtype)
+        if flat_typed is None:
+            flat_typed = typed[dtype] = flat.view(dtype)
         strides = tuple(s // array.itemsize for s in array.strides)
-        out.setdefault(name, [None, None, None])[slot] = view.as_strided(array.shape, strides,
-                                                                         offset // array.itemsize)
-    return out
+        shape = array.shape
+        if count is not None:  # count arrays like this one, back to back
+            shape, strides = (count, *shape), (array.size, *strides)
+        return flat_typed.as_strided(shape, strides, offset // array.itemsize)
+
+    singles = []
+    for name, placed in chunk.singles:
+        factors = [view(array, offset) for array, offset in placed]
+        singles.append((name, (factors[0], factors[1], factors[2] if len(factors) > 2 else None)))
+    stacks = [(names, view(A, a_at, len(names)), view(B, b_at, len(names)))
+              for names, (a_at, A), (b_at, B) in chunk.stacks]
+    return singles, stacks
 
 
 _TORCH_DTYPES: dict[np.dtype, torch.dtype] = {}
@@ -691,7 +764,15 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Mo
     for name, layer in layers.items():
         _dispatch(name, layer, adapter[name])
     with torch.no_grad():
-        for batch in _device_factors(layers, adapter):
+        for batch, stacks in _device_factors(layers, adapter):
+            for members, A, B in stacks:  # same-shaped plain linear layers: one launch where it can
+                scales = [adapter[name].scale * strength for name, _ in members]
+                weights = [layer.weight for _, layer in members]
+                merged = core.merge_into_stacked(weights, A, B, scales, inplace=True, xp=_XP)
+                for (name, layer), weight, scale, new in zip(members, weights, scales, merged):
+                    if new is not weight:
+                        weight.copy_(new)
+                    layer.__dict__.setdefault(_MERGES_ATTR, []).append(_MergeRecord(scale, None, name, adapter[name]))
             plain = []  # plain LoRA: merged together, batched where the core can
             for name, layer, factors in batch:
                 module = adapter[name]
@@ -730,7 +811,16 @@ def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
         _dispatch(name, layer, adapter[name])
         _check_last(layer, name, adapter[name])  # every layer checked before any changes
     with torch.no_grad():
-        for batch in _device_factors(layers, adapter):
+        for batch, stacks in _device_factors(layers, adapter):
+            for members, A, B in stacks:  # W + (−s)·BA, one launch where it can
+                records = [layer.__dict__[_MERGES_ATTR][-1] for _, layer in members]  # checked above
+                weights = [layer.weight for _, layer in members]
+                originals = core.merge_into_stacked(weights, A, B, [-record.scale for record in records],
+                                                    inplace=True, xp=_XP)
+                for (_, layer), weight, record, original in zip(members, weights, records, originals):
+                    if original is not weight:
+                        weight.copy_(original)
+                    _pop_record(layer, record)
             plain = []  # plain LoRA: W + (−s)·BA, batched where the core can
             for name, layer, factors in batch:
                 module = adapter[name]

@@ -37,7 +37,7 @@ from typing import Any
 from . import _triton_launch
 
 __all__ = ["available", "supports", "fused_add_matmul_", "try_fused_add_matmul_", "try_fused_add_matmul_many_",
-           "config_for"]
+           "try_fused_add_matmul_stacked_", "config_for"]
 
 # Tile choice: fixed, by the factors' kind (no autotuning pass on the first call). The merge
 # is memory-bound: each W element is read and written once (4 bytes of traffic per bf16
@@ -279,31 +279,84 @@ def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list, *
     w, a, b = bases[0], as_[0], bs[0]
     if _check(w, a, b) != "rows":
         return False
-    torch = _STATE["torch"]
-    signature = (w.shape, w.stride(), w.dtype, a.shape, a.stride(), a.dtype, b.shape, b.stride(), b.dtype,
-                 w.device)
-    grad = torch.is_grad_enabled()
-    ws, as_ptrs, bs_ptrs = [], [], []  # the addresses, read once
-    for wi, ai, bi in zip(bases, as_, bs):
-        if not grouped and (wi.shape, wi.stride(), wi.dtype, ai.shape, ai.stride(), ai.dtype, bi.shape,
-                            bi.stride(), bi.dtype, wi.device) != signature:
+    grad = _STATE["torch"].is_grad_enabled()
+    as_ptrs, bs_ptrs = [], []  # the addresses, read once
+    factors = (a.shape, a.stride(), a.dtype, b.shape, b.stride(), b.dtype)
+    for ai, bi in zip(as_, bs):
+        if not grouped and (ai.shape, ai.stride(), ai.dtype, bi.shape, bi.stride(), bi.dtype) != factors:
             return False
-        if grad and (wi.requires_grad or ai.requires_grad or bi.requires_grad):
+        if grad and (ai.requires_grad or bi.requires_grad):
             return False
-        pw, pa, pb = wi.data_ptr(), ai.data_ptr(), bi.data_ptr()
-        if (pw | pa | pb) % 16:
-            return False
+        as_ptrs.append(ai.data_ptr())
+        bs_ptrs.append(bi.data_ptr())
+    ws = _weight_addresses(bases, grouped, grad)
+    if ws is None or any((pa | pb) % 16 for pa, pb in zip(as_ptrs, bs_ptrs)):
+        return False
+    return _launch_table(w, a, b, ws, as_ptrs, bs_ptrs, scales)
+
+
+def try_fused_add_matmul_stacked_(bases: list, a: Any, b: Any, scales: list) -> bool:
+    """Every ``bases[i] += scales[i] · (a[i] @ b[i])`` in one launch, the factors stacked:
+    ``a`` (count, M, K) and ``b`` (count, K, N), one tensor each (a merge uploads a group of
+    same-shaped layers' factors as one block). :func:`try_fused_add_matmul_many_`'s launch,
+    without a view or a check per factor: the stack is checked once (each member 16-byte
+    aligned), the weights one by one (same shape, strides, dtype and device, aligned, not
+    overlapping). ``False`` and nothing changes where the kernel does not take them."""
+    count = len(bases)
+    if (count == 0 or len(scales) != count or getattr(a, "ndim", None) != 3 or getattr(b, "ndim", None) != 3
+            or a.shape[0] != count or b.shape[0] != count or not available(bases[0])):
+        return False
+    w, a0, b0 = bases[0], a[0], b[0]
+    if _check(w, a0, b0) != "rows":
+        return False
+    grad = _STATE["torch"].is_grad_enabled()
+    if grad and (a.requires_grad or b.requires_grad):
+        return False
+    step_a, step_b = a.stride(0) * a.element_size(), b.stride(0) * b.element_size()
+    if (a.data_ptr() | b.data_ptr() | step_a | step_b) % 16:
+        return False
+    ws = _weight_addresses(bases, False, grad)
+    if ws is None:
+        return False
+    import numpy as np
+
+    steps = np.arange(count, dtype=np.int64)
+    return _launch_table(w, a0, b0, ws, a.data_ptr() + step_a * steps, b.data_ptr() + step_b * steps, scales)
+
+
+def _weight_addresses(bases: list, grouped: bool, grad: bool) -> list[int] | None:
+    """The weights' addresses, or ``None`` where one launch cannot take them all: shapes,
+    strides, dtype or device that differ from the first's (unless ``grouped``: the caller
+    grouped them by those), one that autograd records, one not 16-byte aligned, or two
+    that share memory (tied weights: one launch would race, one by one keeps them in order)."""
+    w = bases[0]
+    signature = (w.shape, w.stride(), w.dtype, w.device)
+    ws = []
+    for wi in bases:
+        if not grouped and (wi.shape, wi.stride(), wi.dtype, wi.device) != signature:
+            return None
+        if grad and wi.requires_grad:
+            return None
+        pw = wi.data_ptr()
+        if pw % 16:
+            return None
         ws.append(pw)
-        as_ptrs.append(pa)
-        bs_ptrs.append(pb)
     starts = sorted(ws)
     extent = ((w.shape[0] - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) + 1) * w.element_size()
     if any(hi - lo < extent for lo, hi in zip(starts, starts[1:])):
-        return False  # two weights share memory: one launch per weight keeps them in order
+        return None
+    return ws
+
+
+def _launch_table(w, a, b, ws, as_ptrs, bs_ptrs, scales) -> bool:
+    """One grouped launch over ``len(ws)`` weights shaped like ``w`` (factors like ``a``,
+    ``b``), from their addresses; ``False`` where the kernel fails to compile or launch."""
+    count = len(ws)
     if w.numel() == 0 or a.shape[1] == 0:
         return True  # w + s·0 rounds to w itself
     import numpy as np
 
+    torch = _STATE["torch"]
     device = w.device
     # one table, one upload: rows of the weights', A's and B's addresses, then the float32
     # scales (rows of an even length: each row 16-byte aligned)
@@ -323,7 +376,7 @@ def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list, *
         import warnings
 
         warnings.warn(f"portable_lora: the Triton merge kernel failed ({exc!r}); using the "
-                      "unfused merge from now on", RuntimeWarning, stacklevel=3)
+                      "unfused merge from now on", RuntimeWarning, stacklevel=4)
         return False
     return True
 

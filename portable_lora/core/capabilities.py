@@ -15,6 +15,10 @@ Two things the standard cannot say:
   torch, for 16-bit CUDA weights of one shape, one Triton launch for all of them (the host's
   time per launch, not the GPU's, bounds a model's merge otherwise); every item it leaves
   takes ``add_matmul_`` one by one.
+* ``add_matmul_stacked_``: the same for operands stacked along a leading axis (``a`` of shape
+  (count, m, k), ``b`` (count, k, n), one array each) into ``count`` separate bases, all or
+  nothing: a model's merge uploads each group of same-shaped layers' factors as one block,
+  and the launch is built from the stack's addresses, without a view per factor.
 * ``linear_lora``: the whole LoRA linear forward ``x @ Wᵀ + bias + scale · (x @ Aᵀ) @ Bᵀ``
   in one call, inference only (torch: a fused Triton kernel, ``_triton_linear``, for 16-bit
   CUDA tensors with no autograd to record, up to ``_triton_linear.MAX_TOKENS`` tokens; while
@@ -33,7 +37,8 @@ from typing import Any, Callable
 from . import _triton_linear
 from .namespace import namespace_family
 
-__all__ = ["stop_gradient", "add_matmul", "add_matmul_", "add_matmul_many_", "linear_lora", "CAPABILITIES",
+__all__ = ["stop_gradient", "add_matmul", "add_matmul_", "add_matmul_many_", "add_matmul_stacked_", "linear_lora",
+           "CAPABILITIES",
            "fused_available", "resolve"]
 
 
@@ -187,6 +192,15 @@ def _torch_add_matmul_many_(bases, as_, bs, scales):
     return done
 
 
+def _torch_add_matmul_stacked_(bases, a, b, scales):
+    # CUDA 16-bit weights (or the kernel's interpreter in tests): one Triton launch
+    if not bases or bases[0].ndim != 2 or bases[0].element_size() != 2:
+        return False
+    from . import _triton_merge
+
+    return _triton_merge.try_fused_add_matmul_stacked_(bases, a, b, scales)
+
+
 _MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) works here (cleared on the first failure)
 
 
@@ -225,6 +239,9 @@ CAPABILITIES: dict[str, dict[str, Callable[..., Any]]] = {
     },
     "add_matmul_many_": {
         "torch": _torch_add_matmul_many_,
+    },
+    "add_matmul_stacked_": {
+        "torch": _torch_add_matmul_stacked_,
     },
     "linear_lora": {
         # (x, W, A, B, scale, bias) -> y or None: the kernel's own tests decide, cheapest
@@ -295,6 +312,15 @@ def add_matmul_many_(xp: Any, bases: list, as_: list, bs: list, *, scales: list,
     """
     fn = _lookup("add_matmul_many_", xp) if fused else None
     return [False] * len(bases) if fn is None else fn(bases, as_, bs, scales)
+
+
+def add_matmul_stacked_(xp: Any, bases: list, a: Any, b: Any, *, scales: list, fused: bool = True) -> bool:
+    """Every ``bases[i] + scales[i] · (a[i] @ b[i])`` written into ``bases[i]``, the operands
+    stacked (``a`` (count, m, k), ``b`` (count, k, n)), where the framework does them all at
+    once; ``True`` when done, ``False`` with every base untouched: the caller then takes
+    :func:`add_matmul_many_` (or one by one) on ``a[i]``, ``b[i]``."""
+    fn = _lookup("add_matmul_stacked_", xp) if fused else None
+    return False if fn is None else bool(fn(bases, a, b, scales))
 
 
 def linear_lora(xp: Any, x: Any, W: Any, A: Any, B: Any, *, scale: float = 1.0, bias: Any = None,

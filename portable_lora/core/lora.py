@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .capabilities import add_matmul, add_matmul_, add_matmul_many_, linear_lora, stop_gradient
+from .capabilities import add_matmul, add_matmul_, add_matmul_many_, add_matmul_stacked_, linear_lora, stop_gradient
 from .namespace import array_namespace
 
 __all__ = ["KINDS", "accumulation_dtype", "delta_weight", "lora_output", "add_lora_output",
-           "linear_forward", "embedding_lora_output", "merge_into", "merge_into_many", "unmerge_from",
-           "dora_weight_norm", "dora_factor", "dora_forward"]
+           "linear_forward", "embedding_lora_output", "merge_into", "merge_into_many", "merge_into_stacked",
+           "unmerge_from", "dora_weight_norm", "dora_factor", "dora_forward"]
 
 KINDS = ("linear", "conv", "embedding")
 
@@ -236,6 +236,31 @@ def merge_into_many(items: list[tuple], *, inplace: bool = False, xp: Any = None
         if merged[i] is None:
             merged[i] = merge_into(W, A, B, scale, kind, transposed=transposed, inplace=inplace, xp=xp)
     return merged
+
+
+def merge_into_stacked(Ws: list, A: Any, B: Any, scales: list, *, inplace: bool = False,
+                       xp: Any = None) -> list[Any]:
+    """:func:`merge_into_many` for plain linear LoRA whose factors come stacked: ``Ws[i]``
+    (out, in) merged with ``A[i]`` and ``B[i]`` at ``scales[i]``, ``A`` of shape (count, r, in)
+    and ``B`` (count, out, r), one array each (as a merge uploads a group of same-shaped
+    layers: one block, no array per factor). Returns the merged arrays in order, as
+    :func:`merge_into_many` does (``inplace=True``: ``Ws[i]`` itself where written in place).
+
+    With ``inplace=True`` a framework that merges stacked factors in one call (torch on
+    CUDA, 16-bit weights: one Triton launch, see ``capabilities.add_matmul_stacked_``) does
+    so; else each item goes through :func:`merge_into_many`. The same arithmetic either way.
+    """
+    if not Ws:
+        return []
+    xp = array_namespace(Ws[0]) if xp is None else xp
+    if len(Ws) != A.shape[0] or len(Ws) != B.shape[0] or len(scales) != len(Ws):
+        raise ValueError(f"merge_into_stacked: {len(Ws)} weights, {len(scales)} scales, factors stacked "
+                         f"{A.shape[0]} (A) and {B.shape[0]} (B) deep; expected one of each per weight")
+    scales = [float(s) for s in scales]
+    if inplace and add_matmul_stacked_(xp, Ws, B, A, scales=scales):
+        return list(Ws)
+    return merge_into_many([(W, A[i, ...], B[i, ...], s, "linear", False) for i, (W, s) in enumerate(zip(Ws, scales))],
+                           inplace=inplace, xp=xp)
 
 
 def unmerge_from(W: Any, A: Any, B: Any, scale: float, kind: str = "linear", *,
