@@ -168,14 +168,20 @@ def merge(out: dict, settings) -> None:
     res["grouped, views per factor pair ms"] = best_ms(pair)
     capabilities.CAPABILITIES["add_matmul_stacked_"]["torch"] = grouped["add_matmul_stacked_"]
     res["stacked (default) pair ms"] = best_ms(pair)
+    # planning and merging interleaved (the default) or every layer planned first, A/B/A/B
+    for label in ("planned first", "interleaved", "planned first", "interleaved"):
+        backend._INTERLEAVE = label == "interleaved"
+        res.setdefault(f"{label} pair ms", []).append(best_ms(pair))
+    backend._INTERLEAVE = True
     for threads in (0, 2, 4, 8):
         for first, chunk in ((1 << 20, 8 << 20), (2 << 20, 16 << 20), (4 << 20, 32 << 20)):
             backend._PACK_THREADS, backend._FIRST_CHUNK_BYTES, backend._CHUNK_BYTES = threads, first, chunk
             res[f"threads {threads}, chunks {first >> 20}/{chunk >> 20} MB: pair ms"] = best_ms(pair)
     backend._PACK_THREADS, backend._FIRST_CHUNK_BYTES, backend._CHUNK_BYTES = defaults
     for k, v in res.items():
-        print(f"{k}: {v:.2f}" + ("" if k == "copy_ms" else f"  (per verb vs copy {2 * res['copy_ms'] / v:.3f})"),
-              flush=True)
+        for t in (v if isinstance(v, list) else [v]):
+            print(f"{k}: {t:.2f}" + ("" if k == "copy_ms" else f"  (per verb vs copy {2 * res['copy_ms'] / t:.3f})"),
+                  flush=True)
 
     # a host-time line of one merge: when each phase started on the calling thread (packing:
     # on the pack threads) and how long it took

@@ -46,6 +46,7 @@ Linear(in_features=4, out_features=3, bias=True)
 
 from __future__ import annotations
 
+import collections
 import difflib
 import os
 import sys
@@ -518,6 +519,9 @@ _CHUNK_BYTES = 16 << 20
 # packing with torch.cat, measured slower (numpy releases the GIL per copy only, and the
 # caller's Python holds it in between)
 _PACK_THREADS = 4
+# chunks go up and merge as soon as they are packed, while later layers are still planned
+# (the first chunk packed by the caller); False: every layer planned first
+_INTERLEAVE = True
 _COPY_STREAMS: dict[int, Any] = {}  # device index -> the side stream factor uploads run on
 
 
@@ -612,10 +616,13 @@ def _device_factors(layers: dict[str, nn.Module], adapter: Adapter):
     are packed into pinned chunks (by :data:`_PACK_THREADS` threads, from the moment a chunk
     is planned), and each chunk goes up with one asynchronous copy on a side stream. The
     current stream waits for a chunk's copy only before that chunk's layers are yielded, so
-    the merges of one chunk run on the GPU while later chunks are packed and copied.
-    Elsewhere each factor is converted on its own.
+    the merges of one chunk run on the GPU while later chunks are packed and copied. With
+    :data:`_INTERLEAVE`, planning and merging interleave: the first (small) chunk is packed by
+    the caller and yielded as soon as the next chunk starts, and every chunk whose packing is
+    done goes before the next layer is planned, so the GPU starts while most of a big model
+    is still being planned. Elsewhere each factor is converted on its own.
     """
-    plan: list[tuple[str, _Chunk | None]] = []
+    pending: collections.deque = collections.deque()  # (name, None) or ("", chunk), in order
     chunks: list[_Chunk] = []
     packing: dict[int, Any] = {}
     pool = None
@@ -627,12 +634,33 @@ def _device_factors(layers: dict[str, nn.Module], adapter: Adapter):
         # the caching host allocator keeps a pinned buffer until every copy from it has run
         chunk.host = torch.empty(chunk.nbytes, dtype=torch.uint8, pin_memory=True)
         chunk.staging = chunk.host.numpy()
-        if threads < 1 or (last and pool is None):
-            chunk.pack()  # nothing to overlap with (a single chunk): no thread to start
+        if threads < 1 or (last and pool is None) or (_INTERLEAVE and chunk is chunks[0]):
+            # nothing to overlap with (a single chunk), or the first, small chunk: the GPU
+            # starts on it at once while the rest is planned and packed
+            chunk.pack()
             return
         if pool is None:
             pool = ThreadPoolExecutor(threads, thread_name_prefix="portable-lora-pack")
         packing[id(chunk)] = pool.submit(chunk.pack)
+
+    def ready(entry: tuple[str, _Chunk | None]) -> bool:
+        chunk = entry[1]
+        if chunk is None:
+            return True
+        future = packing.get(id(chunk))
+        return chunk.staging is not None and (future is None or future.done())
+
+    def emit(entry: tuple[str, _Chunk | None]):
+        name, chunk = entry
+        if chunk is None:
+            layer = layers[name]
+            return [(name, layer, _factors_one_by_one(layer, adapter[name]))], []
+        future = packing.pop(id(chunk), None)
+        if future is not None:
+            future.result()
+        singles, stacks = _upload_chunk(chunk)
+        return ([(name, layers[name], factors) for name, factors in singles],
+                [([(name, layers[name]) for name in names], A, B) for names, A, B in stacks])
 
     try:
         chunk = None  # the chunk being filled: consecutive CUDA layers of one device
@@ -640,38 +668,32 @@ def _device_factors(layers: dict[str, nn.Module], adapter: Adapter):
             module = adapter[name]
             device = layer.weight.device
             if device.type != "cuda":
-                plan.append((name, None))
                 if chunk is not None:
                     close(chunk)
                 chunk = None
-                continue
-            limit = _FIRST_CHUNK_BYTES if len(chunks) == 1 else _CHUNK_BYTES
-            if chunk is None or chunk.device != device or chunk.nbytes >= limit:
-                if chunk is not None:
-                    close(chunk)
-                chunk = _Chunk(device)
-                chunks.append(chunk)
-                plan.append(("", chunk))
-            arrays = [np.ascontiguousarray(module.A), np.ascontiguousarray(module.B)]
-            key = None
-            if module.magnitude is None:
-                key = _stack_key(layer, module, arrays)
+                pending.append((name, None))
             else:
-                arrays.append(np.ascontiguousarray(module.magnitude))
-            chunk.add(name, key, arrays)
+                limit = _FIRST_CHUNK_BYTES if len(chunks) == 1 else _CHUNK_BYTES
+                if chunk is None or chunk.device != device or chunk.nbytes >= limit:
+                    if chunk is not None:
+                        close(chunk)
+                    chunk = _Chunk(device)
+                    chunks.append(chunk)
+                    pending.append(("", chunk))
+                arrays = [np.ascontiguousarray(module.A), np.ascontiguousarray(module.B)]
+                key = None
+                if module.magnitude is None:
+                    key = _stack_key(layer, module, arrays)
+                else:
+                    arrays.append(np.ascontiguousarray(module.magnitude))
+                chunk.add(name, key, arrays)
+            # what is packed goes up and merges now, while the rest is planned (in order)
+            while _INTERLEAVE and pending and ready(pending[0]):
+                yield emit(pending.popleft())
         if chunk is not None:
             close(chunk, last=True)
-        for name, chunk in plan:
-            if chunk is None:
-                layer = layers[name]
-                yield [(name, layer, _factors_one_by_one(layer, adapter[name]))], []
-                continue
-            future = packing.pop(id(chunk), None)
-            if future is not None:
-                future.result()
-            singles, stacks = _upload_chunk(chunk)
-            yield ([(name, layers[name], factors) for name, factors in singles],
-                   [([(name, layers[name]) for name in names], A, B) for names, A, B in stacks])
+        while pending:
+            yield emit(pending.popleft())
     finally:
         if pool is not None:
             for future in packing.values():
