@@ -28,17 +28,21 @@ mode off, or nothing requires grad), and ``PORTABLE_LORA_TRITON`` not ``0``.
 Under ``torch.compile``: where :func:`register_op` has run (``portable_lora.torch`` does it at
 import) and triton is installed, a traced call with operands the kernel may take (one 16-bit
 dtype, CUDA, 2-D factors, r ≤ 128, no autograd to record) becomes one opaque custom op,
-``torch.ops.portable_lora.linear_lora``, in the graph, up to :data:`MAX_TOKENS` tokens
-(:data:`WIDE_MAX_TOKENS` for r > :data:`WIDE_RANK`): a guard on the token count, so a dynamic
-graph splits there once. At run time the op takes the kernel where the eager call would (its
-other tests run then, on real sizes: no more guards) and the unfused ops otherwise. The
-compiled graph then launches what the eager layer launches (inductor would otherwise compile
-the three unfused GEMMs). Elsewhere, and above those token counts, the graph keeps the unfused
-ops. A graph saved with ``torch.export`` then holds the op too: import ``portable_lora.torch``
-before loading it, or export with ``PORTABLE_LORA_TRITON=0`` (set before that import) to keep
-plain ATen ops only. With more tokens the layer is compute-bound, cuBLAS's GEMM
-beats a Triton GEMM, and recomputing ``x @ Aᵀ`` in every column tile costs r/BLOCK_N extra MMA
-work: the unfused path is faster there (measured: see the tile table below).
+``torch.ops.portable_lora.linear_lora``, in the graph. With a CUDA build of torch the op is a
+``torch.library.triton_op`` (:func:`_op_triton`): inductor launches the kernels from its own
+generated code, and the op decides while it is traced, on the traced token count (guards: a
+graph per token range), what the eager layer decides at run time: the fused kernel with the
+eager call's tile config up to :data:`MAX_TOKENS` tokens (:data:`WIDE_MAX_TOKENS` for r >
+:data:`WIDE_RANK`), above that the eager unfused path (``F.linear``, ``x @ Aᵀ``, the LoRA term
+added into the output by ``_triton_merge``'s kernel). A compiled call then costs the host about
+what the compiled plain linear does. Elsewhere (a CPU build; Triton's interpreter in the tests)
+the op is a Python kernel behind the dispatcher that takes the kernel where the eager call
+would, used up to those token counts (a guard on T), inductor's unfused ops above. A graph
+saved with ``torch.export`` then holds the op too: import ``portable_lora.torch`` before
+loading it, or export with ``PORTABLE_LORA_TRITON=0`` (set before that import) to keep plain
+ATen ops only. With more tokens the layer is compute-bound, cuBLAS's GEMM beats a Triton GEMM,
+and recomputing ``x @ Aᵀ`` in every column tile costs r/BLOCK_N extra MMA work: the unfused
+path is faster there (measured: see the tile table below).
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernel runs on CPU tensors
 through Triton's interpreter, for tests, with the interpreter's gaps worked around (as in
@@ -51,9 +55,9 @@ module is imported. Nothing here imports torch or triton at import time.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from . import _triton_launch
+from . import _triton_launch, _triton_merge
 
 __all__ = ["MAX_TOKENS", "MAX_RANK", "WIDE_RANK", "WIDE_MAX_TOKENS", "available", "supports",
            "config_for", "lora_linear", "try_lora_linear", "register_op"]
@@ -287,7 +291,9 @@ def _first_call(x, W, A, B, scale, bias):
 
 _OP: Any = None  # torch.ops.portable_lora.linear_lora.default, once register_op() has run
 _IS_COMPILING: Any = None  # torch.compiler.is_compiling, once register_op() has run
-_OP_STATE: dict[str, Any] = {}  # "library": the torch.library.Library that owns the op
+# "kind": "triton_op" or "python" (see register_op); "library": the torch.library.Library that
+# owns a Python op; "torch", "dtypes", "xp"
+_OP_STATE: dict[str, Any] = {}
 
 
 def _traced_call(x, W, A, B, scale, bias):
@@ -304,16 +310,18 @@ def _traced_call(x, W, A, B, scale, bias):
         return None
     if W.dim() != 2 or A.dim() != 2 or B.dim() != 2 or x.dim() == 0 or not 1 <= A.shape[0] <= MAX_RANK:
         return None
-    # the token count, a guard under dynamic shapes: above the kernel's range the graph keeps
-    # the unfused ops (inductor compiles them). Run by the op, that path measured up to 1.5x
-    # slower on an H100 than inductor's own graph at 4096 tokens (idle GPU between the calls,
-    # not slower kernels), where the eager call of the op was not (benchmarks/NOTES.md §14).
-    # At most three graphs per layer shape: T = 1 (which dynamo specialises anyway), 2..limit,
-    # and above; r > WIDE_RANK: a limit of WIDE_MAX_TOKENS (the eager call takes the kernel up
-    # to MAX_TOKENS in small layers only)
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if m > (MAX_TOKENS if A.shape[0] <= WIDE_RANK else WIDE_MAX_TOKENS):
-        return None
+    # a Python op (see register_op): the token count, a guard under dynamic shapes: above the
+    # kernel's range the graph keeps the unfused ops (inductor compiles them). Run by a Python
+    # op, that path measured up to 1.5x slower on an H100 than inductor's own graph at 4096
+    # tokens (idle GPU between the calls, not slower kernels), where the eager call of the op
+    # was not (benchmarks/NOTES.md §14). At most three graphs per layer shape: T = 1 (which
+    # dynamo specialises anyway), 2..limit, and above; r > WIDE_RANK: a limit of
+    # WIDE_MAX_TOKENS (the eager call takes the kernel up to MAX_TOKENS in small layers only).
+    # A triton_op decides inside, while it is traced (_op_triton)
+    if _OP_STATE["kind"] != "triton_op":
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if m > (MAX_TOKENS if A.shape[0] <= WIDE_RANK else WIDE_MAX_TOKENS):
+            return None
     if bias is not None and (bias.dtype != dt or bias.dim() != 1):
         return None
     if _OP_STATE["torch"].is_grad_enabled() and (
@@ -341,13 +349,79 @@ def _op_fake(x, W, A, B, scale, bias):
     return x.new_empty((*x.shape[:-1], W.shape[0]))
 
 
+def _op_triton(x, W, A, B, scale, bias):
+    """The op as a ``torch.library.triton_op`` (CUDA builds of torch): inductor sees the
+    kernels through :func:`torch.library.wrap_triton` and launches them from its own generated
+    code. Decided while it is traced, on the traced sizes (its thresholds become guards, a
+    graph per token range), as the eager layer decides: up to :data:`MAX_TOKENS` tokens
+    (:data:`WIDE_MAX_TOKENS` for r > :data:`WIDE_RANK`) the fused kernel with the tile config
+    the eager call takes (:func:`config_for`); with more tokens the eager unfused path,
+    ``F.linear`` and ``x @ Aᵀ``, then ``s · xa @ Bᵀ`` added into the output by the merge kernel
+    (from 2**23 output elements, else ``addmm_``). Operands the kernel does not take (only a
+    direct call passes them: the traced forward emits the op where it does) go through the
+    unfused ops."""
+    torch = _OP_STATE["torch"]
+    sizes = _shapes(x, W, A, B, bias, None) if "failed" not in _STATE else None
+    if sizes is not None:
+        m, n, k, r = sizes
+        if m <= (MAX_TOKENS if r <= WIDE_RANK else WIDE_MAX_TOKENS):
+            cfg = config_for(m, n, k, r, _sms(x.get_device()))
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            x2 = x.reshape(m, k)
+            y = x.new_empty((*x.shape[:-1], n))
+            has_bias = bias is not None
+            wrap_triton(_KERNEL)[(-(-m // bm) * -(-n // bn),)](
+                x2, W, A, B, bias if has_bias else y, y, m, n, k, r, x2.stride(0), x2.stride(1), W.stride(0),
+                W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), bias.stride(0) if has_bias else 0,
+                n, scale, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(r), NUM_K=0,
+                EVEN_K=bool(k % bk == 0), HAS_BIAS=has_bias, WIDEN=False, RTNE_BF16_BY_HAND=False,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            return y
+    y = torch.nn.functional.linear(x, W, bias)
+    from . import capabilities, lora
+
+    if (sizes is not None and _MERGE_KERNEL is not None and "failed" not in _triton_merge._STATE
+            and y.numel() >= capabilities._TRITON_ADD_MIN_ELEMENTS):
+        _add_into(y.view(m, n), x.reshape(m, k) @ A.T, B.T, scale)
+        return y
+    return lora.add_lora_output(y, x, A, B, scale, xp=_OP_STATE["xp"], overwrite=True)
+
+
+def _add_into(base, a, b, scale):
+    """``base += scale · a @ b`` (16-bit, ``base`` row-major, ``a`` (M, r), ``b`` (r, N)) by
+    the merge kernel through ``wrap_triton``, as ``capabilities._triton_add_`` launches it."""
+    m, n = base.shape
+    r = a.shape[1]
+    cfg = _triton_merge.config_for(r, True)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], _triton_merge._block_k(r)
+    wrap_triton(_MERGE_KERNEL)[(-(-m // bm) * -(-n // bn),)](
+        base, a, b, base, m, n, r, base.stride(0), base.stride(1), a.stride(0), a.stride(1), b.stride(0),
+        b.stride(1), scale, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_K=-(-r // bk), WIDEN=False,
+        RTNE_BF16_BY_HAND=False, GROUPED=False, W_TY=None, A_TY=None, B_TY=None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# where the op is a triton_op: the jitted kernel and torch.library.wrap_triton, module globals
+# called by these names (torch finds the op's kernels in its source: their code is part of the
+# compiled-graph caches' keys)
+_KERNEL: Any = None
+_MERGE_KERNEL: Any = None  # _triton_merge's in-place add, for the unfused path above the range
+wrap_triton: Any = None
+
+
 def register_op() -> bool:
     """Define ``torch.ops.portable_lora.linear_lora(x, W, A, B, scale, bias)`` (once per
     process) and let traced forwards use it (see the module docstring). Nothing is defined,
     and ``False`` is returned, where triton is not installed (the op would only ever run the
-    unfused ops, which inductor compiles better) or ``PORTABLE_LORA_TRITON=0``. Imports torch,
-    not triton (the op loads the kernel the first time it runs)."""
-    global _OP, _IS_COMPILING
+    unfused ops, which inductor compiles better) or ``PORTABLE_LORA_TRITON=0``.
+
+    With a CUDA build of torch (and ``torch.library.triton_op``), the op is a triton_op
+    (:func:`_op_triton`; triton is imported here): inductor launches the kernel from its own
+    generated code. A compiled call then costs the host what the compiled plain linear does
+    (H100: 1.00-1.18x it at 1-256 tokens, against 1.21-1.47x for a Python op). Elsewhere (a
+    CPU build, or Triton's interpreter in the tests) a Python kernel behind the dispatcher
+    (:func:`_op_impl`), which imports nothing until it first runs."""
+    global _OP, _IS_COMPILING, _KERNEL, _MERGE_KERNEL, wrap_triton
     if _OP is not None:
         return True
     import importlib.util
@@ -358,14 +432,27 @@ def register_op() -> bool:
 
     from .namespace import array_namespace
 
-    lib = torch.library.Library("portable_lora", "FRAGMENT")
-    lib.define("linear_lora(Tensor x, Tensor W, Tensor A, Tensor B, float scale, Tensor? bias) -> Tensor")
-    # one Python kernel for every device (the CPU: the interpreter's tests, and the unfused
-    # ops for anything else): the dispatcher calls it directly, no wrapper of torch.library's
-    lib.impl("linear_lora", _op_impl, "CompositeExplicitAutograd")
-    torch.library.register_fake("portable_lora::linear_lora", _op_fake, lib=lib)
-    _OP_STATE.update(library=lib, torch=torch, dtypes=(torch.bfloat16, torch.float16),
-                     xp=array_namespace(torch.empty(0)))
+    _OP_STATE.update(torch=torch, dtypes=(torch.bfloat16, torch.float16), xp=array_namespace(torch.empty(0)))
+    schema = "(Tensor x, Tensor W, Tensor A, Tensor B, float scale, Tensor? bias) -> Tensor"
+    triton_op = getattr(torch.library, "triton_op", None)
+    if (triton_op is not None and torch.backends.cuda.is_built() and not _triton_launch.interpret_env()
+            and _load() is not None):
+        _KERNEL = _STATE["kernel"]
+        _MERGE_KERNEL = _triton_merge._load()
+        wrap_triton = torch.library.wrap_triton
+        _OP_STATE["kind"] = "triton_op"
+        # the schema from real annotations (this module's are strings)
+        _op_triton.__annotations__ = {"x": torch.Tensor, "W": torch.Tensor, "A": torch.Tensor, "B": torch.Tensor,
+                                      "scale": float, "bias": Optional[torch.Tensor], "return": torch.Tensor}
+        triton_op("portable_lora::linear_lora", _op_triton, mutates_args=())
+    else:
+        lib = torch.library.Library("portable_lora", "FRAGMENT")
+        lib.define("linear_lora" + schema)
+        # one Python kernel for every device (the CPU: the interpreter's tests, and the
+        # unfused ops for anything else): the dispatcher calls it directly, no wrapper
+        lib.impl("linear_lora", _op_impl, "CompositeExplicitAutograd")
+        torch.library.register_fake("portable_lora::linear_lora", _op_fake, lib=lib)
+        _OP_STATE.update(library=lib, kind="python")
     _OP = torch.ops.portable_lora.linear_lora.default
     _IS_COMPILING = torch.compiler.is_compiling
     return True
