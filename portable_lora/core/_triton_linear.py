@@ -32,8 +32,9 @@ dtype, CUDA, 2-D factors, r ≤ 128, no autograd to record) becomes one opaque c
 ``torch.library.triton_op`` (:func:`_op_triton`): inductor launches the kernels from its own
 generated code, and the op decides while it is traced, on the traced token count (guards: a
 graph per token range), what the eager layer decides at run time: the fused kernel with the
-eager call's tile config up to :data:`MAX_TOKENS` tokens (:data:`WIDE_MAX_TOKENS` for r >
-:data:`WIDE_RANK`), above that the eager unfused path (``F.linear``, ``x @ Aᵀ``, the LoRA term
+eager call's tile config up to :data:`MAX_TOKENS` tokens (for r > :data:`WIDE_RANK` above
+:data:`WIDE_MAX_TOKENS` only in small layers and outside CUDA graphs), elsewhere the eager
+unfused path (``F.linear``, ``x @ Aᵀ``, the LoRA term
 added into the output by ``_triton_merge``'s kernel). A compiled call then costs the host about
 what the compiled plain linear does. Elsewhere (a CPU build; Triton's interpreter in the tests)
 the op is a Python kernel behind the dispatcher that takes the kernel where the eager call
@@ -353,9 +354,10 @@ def _op_triton(x, W, A, B, scale, bias):
     """The op as a ``torch.library.triton_op`` (CUDA builds of torch): inductor sees the
     kernels through :func:`torch.library.wrap_triton` and launches them from its own generated
     code. Decided while it is traced, on the traced sizes (its thresholds become guards, a
-    graph per token range), as the eager layer decides: up to :data:`MAX_TOKENS` tokens
-    (:data:`WIDE_MAX_TOKENS` for r > :data:`WIDE_RANK`) the fused kernel with the tile config
-    the eager call takes (:func:`config_for`); with more tokens the eager unfused path,
+    graph per token range), as the eager layer decides: up to :data:`MAX_TOKENS` tokens (for
+    r > :data:`WIDE_RANK` above :data:`WIDE_MAX_TOKENS` only in small layers and outside CUDA
+    graphs, :func:`_wide_declines`) the fused kernel with the tile config the eager call
+    takes (:func:`config_for`); with more tokens the eager unfused path,
     ``F.linear`` and ``x @ Aᵀ``, then ``s · xa @ Bᵀ`` added into the output by the merge kernel
     (from 2**23 output elements, else ``addmm_``). Operands the kernel does not take (only a
     direct call passes them: the traced forward emits the op where it does) go through the
@@ -364,7 +366,7 @@ def _op_triton(x, W, A, B, scale, bias):
     sizes = _shapes(x, W, A, B, bias, None) if "failed" not in _STATE else None
     if sizes is not None:
         m, n, k, r = sizes
-        if m <= (MAX_TOKENS if r <= WIDE_RANK else WIDE_MAX_TOKENS):
+        if m <= MAX_TOKENS and not (m > WIDE_MAX_TOKENS and r > WIDE_RANK and _wide_declines(m, n, x)):
             cfg = config_for(m, n, k, r, _sms(x.get_device()))
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             x2 = x.reshape(m, k)
@@ -385,6 +387,18 @@ def _op_triton(x, W, A, B, scale, bias):
         _add_into(y.view(m, n), x.reshape(m, k) @ A.T, B.T, scale)
         return y
     return lora.add_lora_output(y, x, A, B, scale, xp=_OP_STATE["xp"], overwrite=True)
+
+
+def _wide_declines(m, n, x) -> bool:
+    """:func:`try_lora_linear`'s rule for r > WIDE_RANK above WIDE_MAX_TOKENS tokens, while
+    the op is traced: the unfused path in a layer of more than two waves of 64 x 64 tiles, and
+    where the compiled graph will be replayed from a CUDA graph (``mode="reduce-overhead"``:
+    inductor's cudagraphs, the counterpart of the eager call's capture test)."""
+    if -(-m // 64) * -(-n // 64) > 2 * _sms(x.get_device()):
+        return True
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.triton.cudagraphs)
 
 
 def _add_into(base, a, b, scale):
