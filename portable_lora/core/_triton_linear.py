@@ -382,11 +382,13 @@ def _op_triton(x, W, A, B, scale, bias):
     y = torch.nn.functional.linear(x, W, bias)
     from . import capabilities, lora
 
-    if (sizes is not None and _MERGE_KERNEL is not None and "failed" not in _triton_merge._STATE
-            and y.numel() >= capabilities._TRITON_ADD_MIN_ELEMENTS):
+    large = y.numel() >= capabilities._TRITON_ADD_MIN_ELEMENTS
+    if sizes is not None and large and _MERGE_KERNEL is not None and "failed" not in _triton_merge._STATE:
         _add_into(y.view(m, n), x.reshape(m, k) @ A.T, B.T, scale)
         return y
-    return lora.add_lora_output(y, x, A, B, scale, xp=_OP_STATE["xp"], overwrite=True)
+    # below the merge kernel's size, into F.linear's output as eagerly (addmm_); above it out of
+    # place: the capability's in-place Triton add reads addresses, which a traced tensor has not
+    return lora.add_lora_output(y, x, A, B, scale, xp=_OP_STATE["xp"], overwrite=not large)
 
 
 def _wide_declines(m, n, x) -> bool:
@@ -431,8 +433,9 @@ def register_op() -> bool:
 
     With a CUDA build of torch (and ``torch.library.triton_op``), the op is a triton_op
     (:func:`_op_triton`; triton is imported here): inductor launches the kernel from its own
-    generated code. A compiled call then costs the host what the compiled plain linear does
-    (H100: 1.00-1.18x it at 1-256 tokens, against 1.21-1.47x for a Python op). Elsewhere (a
+    generated code. A compiled call then costs the host about what the compiled plain linear
+    does (H100, one explore run: 1.00-1.18x it at 1-256 tokens, against 1.21-1.47x for a Python
+    op; benchmark runs on noisier hosts 1.01-1.38x; benchmarks/NOTES.md §15). Elsewhere (a
     CPU build, or Triton's interpreter in the tests) a Python kernel behind the dispatcher
     (:func:`_op_impl`), which imports nothing until it first runs."""
     global _OP, _IS_COMPILING, _KERNEL, _MERGE_KERNEL, wrap_triton
