@@ -367,17 +367,14 @@ def _op_triton(x, W, A, B, scale, bias):
     if sizes is not None:
         m, n, k, r = sizes
         if m <= MAX_TOKENS and not (m > WIDE_MAX_TOKENS and r > WIDE_RANK and _wide_declines(m, n, x)):
-            cfg = config_for(m, n, k, r, _sms(x.get_device()))
-            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            has_bias = bias is not None
+            grid, constexprs, num_warps, num_stages = _plan(m, n, k, r, x.dtype, has_bias, None, x.get_device())
             x2 = x.reshape(m, k)
             y = x.new_empty((*x.shape[:-1], n))
-            has_bias = bias is not None
-            wrap_triton(_KERNEL)[(-(-m // bm) * -(-n // bn),)](
+            wrap_triton(_KERNEL)[grid](
                 x2, W, A, B, bias if has_bias else y, y, m, n, k, r, x2.stride(0), x2.stride(1), W.stride(0),
                 W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), bias.stride(0) if has_bias else 0,
-                n, scale, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(r), NUM_K=0,
-                EVEN_K=bool(k % bk == 0), HAS_BIAS=has_bias, WIDEN=False, RTNE_BF16_BY_HAND=False,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                n, scale, **dict(zip(_NAMES, constexprs)), num_warps=num_warps, num_stages=num_stages)
             return y
     y = torch.nn.functional.linear(x, W, bias)
     from . import capabilities, lora
@@ -405,16 +402,11 @@ def _wide_declines(m, n, x) -> bool:
 
 def _add_into(base, a, b, scale):
     """``base += scale · a @ b`` (16-bit, ``base`` row-major, ``a`` (M, r), ``b`` (r, N)) by
-    the merge kernel through ``wrap_triton``, as ``capabilities._triton_add_`` launches it."""
-    m, n = base.shape
-    r = a.shape[1]
-    cfg = _triton_merge.config_for(r, True)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], _triton_merge._block_k(r)
-    wrap_triton(_MERGE_KERNEL)[(-(-m // bm) * -(-n // bn),)](
-        base, a, b, base, m, n, r, base.stride(0), base.stride(1), a.stride(0), a.stride(1), b.stride(0),
-        b.stride(1), scale, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_K=-(-r // bk), WIDEN=False,
-        RTNE_BF16_BY_HAND=False, GROUPED=False, W_TY=None, A_TY=None, B_TY=None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    the merge kernel through ``wrap_triton``, planned as ``capabilities._triton_add_``'s
+    launch is (``_triton_merge.plan``)."""
+    grid, sizes, constexprs, cfg = _triton_merge.plan(base, a, b)
+    wrap_triton(_MERGE_KERNEL)[grid](base, a, b, base, *sizes, scale, **dict(zip(_triton_merge._NAMES, constexprs)),
+                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # where the op is a triton_op: the jitted kernel and torch.library.wrap_triton, module globals
@@ -504,7 +496,7 @@ def _plan(m, n, k, r, dtype, has_bias, config, device):
     interpreted = _STATE["interpreted"]
     constexprs = (bm, bn, bk, _block_r(r),
                   -(-k // bk) if interpreted else 0,  # NUM_K: the unrolled trip count (interpreter)
-                  k % bk == 0,  # EVEN_K
+                  bool(k % bk == 0),  # EVEN_K (a guard where k is a traced size)
                   has_bias,
                   interpreted,  # WIDEN
                   interpreted and dtype is _STATE["bf16"])  # RTNE_BF16_BY_HAND

@@ -222,9 +222,12 @@ def _launch(kernel, base, a, b, scale, config, layout) -> None:
     _run(w, a, b, (w, a, b, w, float(scale)), 1, aligned, config)
 
 
-def _run(w, a, b, pointers, groups, aligned, config) -> None:
-    """Launch over ``groups`` weights shaped like ``w`` (factors like ``a``, ``b``);
-    ``pointers``: (w, a, b, scale table, scale) as the kernel takes them, tensors or tables."""
+def plan(w, a, b, groups: int = 1, config: dict | None = None) -> tuple:
+    """``(grid, sizes, constexprs, cfg)`` of a launch over ``groups`` weights shaped like ``w``
+    (factors like ``a``, ``b``): the kernel's runtime arguments after its four pointers are
+    ``*sizes, scale``, its constexprs ``constexprs`` in :data:`_NAMES` order, ``cfg`` the tile
+    config with its warps and stages. Also what ``_triton_linear`` launches through
+    ``wrap_triton`` (the forward's add under ``torch.compile``)."""
     m, n = w.shape
     k = a.shape[1]
     factors_16bit = a.dtype == b.dtype and a.element_size() == 2
@@ -240,23 +243,29 @@ def _run(w, a, b, pointers, groups, aligned, config) -> None:
     sa0, sa1 = a.stride()
     sb0, sb1 = b.stride()
     sizes = (m, n, k, sw0, sw1, sa0, sa1, sb0, sb1)
-    *tensors, scale = pointers
-    args = (*tensors, *sizes, scale)
     grouped = groups > 1
     types = _STATE["tl_types"]
-    # the constexprs, in the kernel's signature order (_NAMES), after args
     constexprs = (block_m, block_n, block_k, (k + block_k - 1) // block_k,
                   interpreted or not factors_16bit,  # WIDEN
                   interpreted and w.dtype == _STATE["bf16"],  # RTNE_BF16_BY_HAND
                   grouped,
                   types[w.dtype] if grouped else None, types[a.dtype] if grouped else None,
                   types[b.dtype] if grouped else None)
+    return grid, sizes, constexprs, cfg
+
+
+def _run(w, a, b, pointers, groups, aligned, config) -> None:
+    """Launch over ``groups`` weights shaped like ``w`` (factors like ``a``, ``b``);
+    ``pointers``: (w, a, b, scale table, scale) as the kernel takes them, tensors or tables."""
+    grid, sizes, constexprs, cfg = plan(w, a, b, groups, config)
+    *tensors, scale = pointers
+    args = (*tensors, *sizes, scale)
     # the direct launch's key (see _triton_launch): everything triton specialises on
     int_class = _triton_launch.int_class
     key = (constexprs, cfg["num_warps"], cfg["num_stages"], w.dtype, a.dtype, b.dtype, *aligned,
            *[int_class(v) for v in sizes])
     _STATE["launcher"](grid, args, constexprs, cfg["num_warps"], cfg["num_stages"], key,
-                       None if interpreted else w.device.index)
+                       None if _STATE["interpreted"] else w.device.index)
 
 
 def try_fused_add_matmul_many_(bases: list, as_: list, bs: list, scales: list, *,
