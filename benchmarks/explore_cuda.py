@@ -1,5 +1,5 @@
-"""Measurements behind three CUDA decisions of the library (not part of run.py's tables; see
-benchmarks/NOTES.md §13). One GPU, bfloat16, CUDA graphs unless said otherwise:
+"""Measurements behind the library's CUDA decisions (not part of run.py's tables; see
+benchmarks/NOTES.md §13-15). One GPU, bfloat16, CUDA graphs unless said otherwise:
 
 * ``add``: the unfused forward's LoRA add at 256-4096 tokens, cuBLAS ``addmm_`` against the
   Triton in-place add (``capabilities._triton_add_``), eager and in CUDA graphs, per layer
@@ -9,9 +9,11 @@ benchmarks/NOTES.md §13). One GPU, bfloat16, CUDA graphs unless said otherwise:
 * ``merge``: ``plt.merge`` + ``plt.unmerge`` of an 8B model's projections (rank 16, factors in
   host memory) against a device copy of the weights, over the upload's packing threads and
   chunk sizes, without grouped launches, grouped from per-factor views, and from stacked
-  factors (the default), and a host-time line of one merge;
+  factors (the default), planning first or interleaved, and a host-time line of one merge;
 * ``compiled``: ``torch.compile`` of our layer with the custom op and without it (the unfused
-  ops compiled by inductor), against the compiled plain linear and our eager layer.
+  ops compiled by inductor), against the compiled plain linear and our eager layer;
+* ``accumulate``: the unfused forward with the LoRA term computed first and the base GEMM
+  accumulated into it, against the library's path and the fused kernel (not kept).
 
     python3 benchmarks/explore_cuda.py --out DIR [--only add,tiles,merge]   # ~1 min
 """
@@ -386,84 +388,7 @@ def accumulate(out: dict, settings) -> None:
     out["accumulate"] = rows
 
 
-def triton_op(out: dict, settings) -> None:
-    """An experiment: the fused forward as a ``torch.library.triton_op`` (inductor sees the
-    Triton kernel and launches it from its own generated code, no Python op in between)
-    against the library's op (a Python kernel behind the dispatcher) and the compiled plain
-    linear, ``torch.compile(fullgraph=True, dynamic=True)``, four layers in rotation."""
-    import torch._dynamo
-    import triton
-    from torch.library import triton_op as define, wrap_triton
-
-    from portable_lora.core import _triton_linear as tli
-
-    torch._dynamo.config.recompile_limit = 64
-    kernel = tli._load()
-
-    @define("plexp::linear_lora_t", mutates_args=())
-    def linear_lora_t(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                      bias: torch.Tensor | None) -> torch.Tensor:
-        n, k = W.shape
-        r = A.shape[0]
-        m = x.numel() // k
-        cfg = tli.config_for(m, n, k, r, tli._sms(x.get_device()))
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        x2 = x.reshape(m, k)
-        y = x.new_empty((*x.shape[:-1], n))
-        has_bias = bias is not None
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-        wrap_triton(kernel)[grid](
-            x2, W, A, B, bias if has_bias else y, y, m, n, k, r, x2.stride(0), x2.stride(1),
-            W.stride(0), W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-            bias.stride(0) if has_bias else 0, n, scale,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=tli._block_r(r), NUM_K=0, EVEN_K=k % bk == 0,
-            HAS_BIAS=has_bias, WIDEN=False, RTNE_BF16_BY_HAND=False,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return y
-
-    op_t = torch.ops.plexp.linear_lora_t.default
-    op = tli._OP
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for (in_f, out_f), rank in zip(SIZES, RANKS):
-        n = bt._layer_count(in_f * out_f * 2, "cuda")
-        parts = [(bt.make_linear(in_f, out_f, torch.bfloat16, "cuda", gen).weight,
-                  *(t.cuda() for t in bt.make_factors(in_f, out_f, rank, torch.bfloat16, gen))) for _ in range(n)]
-        lin = torch.compile(lambda x, W, A, B: F.linear(x, W), fullgraph=True, dynamic=True)
-        ours = torch.compile(lambda x, W, A, B: op(x, W, A, B, 2.0, None), fullgraph=True, dynamic=True)
-        ours_t = torch.compile(lambda x, W, A, B: op_t(x, W, A, B, 2.0, None), fullgraph=True, dynamic=True)
-        for T in (1, 16, 128, 256):
-            x = torch.randn(1, T, in_f, generator=gen).to(device="cuda", dtype=torch.bfloat16)
-            fns = {k: rotation(parts, lambda W, A, B, f=f: f(x, W, A, B))
-                   for k, f in (("linear_c", lin), ("op_c", ours), ("triton_op_c", ours_t))}
-            fns["op_eager"] = rotation(parts, lambda W, A, B: op(x, W, A, B, 2.0, None))
-            want = fns["op_eager"]()
-            err = bt._rel_err(fns["triton_op_c"](), want)
-            t = compare(fns, settings)
-            row = {"case": f"{in_f}->{out_f} r{rank} T{T}", "linear_c_us": round(t["linear_c"] / n * 1e6, 1),
-                   "triton_op vs op_eager rel err": err}
-            for k in ("op_c", "triton_op_c", "op_eager"):
-                row[f"{k}/linear_c"] = round(t[k] / t["linear_c"], 3)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if T == 16 and rank == 16:
-                import glob
-                import os
-
-                code = sorted(glob.glob("/tmp/torchinductor_*/**/*.py", recursive=True), key=os.path.getmtime)
-                print("# newest inductor output:", code[-1] if code else None, flush=True)
-                if code:
-                    text = open(code[-1]).read()
-                    print(text[-2500:], flush=True)
-        torch._dynamo.reset()
-    out["triton_op"] = rows
-
-
-SECTIONS = {"add": add, "tiles": tiles, "merge": merge, "compiled": compiled, "accumulate": accumulate,
-            "triton_op": triton_op}
+SECTIONS = {"add": add, "tiles": tiles, "merge": merge, "compiled": compiled, "accumulate": accumulate}
 
 
 def main() -> int:
