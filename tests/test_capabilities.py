@@ -24,6 +24,7 @@ def test_the_table_names_the_fused_calls():
         assert capabilities.fused_available("add_matmul", names["torch"])
         assert capabilities.fused_available("add_matmul_", names["torch"])
         assert capabilities.fused_available("add_matmul_many_", names["torch"])
+        assert capabilities.fused_available("add_matmul_stacked_", names["torch"])
     if "mlx" in names:
         assert capabilities.fused_available("add_matmul", names["mlx"])
     for plain in ("numpy", "array_api_strict", "jax"):
@@ -34,6 +35,8 @@ def test_the_table_names_the_fused_calls():
             # without a fused call, nothing is done in place: every item is left to the caller
             assert capabilities.add_matmul_many_(names[plain], [None, None], [None, None], [None, None],
                                                  scales=[1.0, 2.0]) == [False, False]
+            assert not capabilities.fused_available("add_matmul_stacked_", names[plain])
+            assert capabilities.add_matmul_stacked_(names[plain], [None, None], None, None, scales=[1.0, 2.0]) is False
 
 
 # (leading axes, rows, columns): 2-D; batched and small (torch: matmul + add); batched and
