@@ -263,8 +263,8 @@ def try_lora_linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = No
     if sizes is None:
         return None
     m, n, r = sizes[0], sizes[1], sizes[3]
-    if m > WIDE_MAX_TOKENS and r > WIDE_RANK and x.is_cuda and (
-            -(-m // 64) * -(-n // 64) > 2 * _sms(x.get_device()) or torch.cuda.is_current_stream_capturing()):
+    if m > WIDE_MAX_TOKENS and r > WIDE_RANK and x.is_cuda and _wide_declines(
+            m, n, x.get_device(), torch.cuda.is_current_stream_capturing):
         return None  # the unfused path is faster here (see the tile table)
     try:
         return _launch(x, W, A, B, scale, bias, sizes, None)
@@ -366,7 +366,8 @@ def _op_triton(x, W, A, B, scale, bias):
     sizes = _shapes(x, W, A, B, bias, None) if "failed" not in _STATE else None
     if sizes is not None:
         m, n, k, r = sizes
-        if m <= MAX_TOKENS and not (m > WIDE_MAX_TOKENS and r > WIDE_RANK and _wide_declines(m, n, x)):
+        if m <= MAX_TOKENS and not (m > WIDE_MAX_TOKENS and r > WIDE_RANK
+                                    and _wide_declines(m, n, x.get_device(), _inductor_cudagraphs)):
             has_bias = bias is not None
             grid, constexprs, num_warps, num_stages = _plan(m, n, k, r, x.dtype, has_bias, None, x.get_device())
             x2 = x.reshape(m, k)
@@ -388,13 +389,15 @@ def _op_triton(x, W, A, B, scale, bias):
     return lora.add_lora_output(y, x, A, B, scale, xp=_OP_STATE["xp"], overwrite=not large)
 
 
-def _wide_declines(m, n, x) -> bool:
-    """:func:`try_lora_linear`'s rule for r > WIDE_RANK above WIDE_MAX_TOKENS tokens, while
-    the op is traced: the unfused path in a layer of more than two waves of 64 x 64 tiles, and
-    where the compiled graph will be replayed from a CUDA graph (``mode="reduce-overhead"``:
-    inductor's cudagraphs, the counterpart of the eager call's capture test)."""
-    if -(-m // 64) * -(-n // 64) > 2 * _sms(x.get_device()):
-        return True
+def _wide_declines(m: int, n: int, device: int, graphed) -> bool:
+    """For r > WIDE_RANK above WIDE_MAX_TOKENS tokens (see the tile table): whether the
+    unfused path runs instead of the kernel, in a layer of more than two waves of 64 x 64
+    tiles, or where ``graphed()`` says the launch will be replayed from a CUDA graph (eagerly:
+    a capture in progress; under ``torch.compile``: inductor's cudagraphs)."""
+    return -(-m // 64) * -(-n // 64) > 2 * _sms(device) or bool(graphed())
+
+
+def _inductor_cudagraphs() -> bool:
     import torch._inductor.config as inductor_config
 
     return bool(inductor_config.triton.cudagraphs)
