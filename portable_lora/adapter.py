@@ -19,6 +19,8 @@ from .errors import LoraError
 __all__ = ["LoraModule", "Adapter"]
 
 _FACTOR_NDIM = {"linear": (2, 2), "embedding": (2, 2), "conv": (4, 4)}
+# what kind "f" (and ml_dtypes' bfloat16) admits; float8 and integer factors are not LoRA factors here
+_FACTOR_DTYPES = "floating point (float16, bfloat16, float32 or float64)"
 
 
 @dataclass
@@ -88,7 +90,7 @@ class LoraModule:
         core.check_alpha(self.alpha, module=name)
         for label, array in (("A", self.A), ("B", self.B)):
             if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
-                raise LoraError(f"{where}{label} must be floating point, found {array.dtype}", key=name)
+                raise LoraError(f"{where}{label} must be {_FACTOR_DTYPES}, found {array.dtype}", key=name)
         want_a, want_b = _FACTOR_NDIM[self.kind]
         if self.A.ndim != want_a or self.B.ndim != want_b:
             raise LoraError(f"{where}{self.kind} LoRA needs A with {want_a} and B with {want_b} "
@@ -106,7 +108,7 @@ class LoraModule:
                 raise LoraError(f"{where}DoRA on embeddings is not supported (PEFT and mlx-lm "
                                 "disagree on the magnitude's axis)", key=name)
             if self.magnitude.dtype.kind != "f" and self.magnitude.dtype.name != "bfloat16":
-                raise LoraError(f"{where}DoRA magnitude must be floating point, found "
+                raise LoraError(f"{where}DoRA magnitude must be {_FACTOR_DTYPES}, found "
                                 f"{self.magnitude.dtype}", key=name)
             if self.magnitude.shape != (self.out_features,):
                 raise LoraError(f"{where}DoRA magnitude must have shape [{self.out_features}], "

@@ -222,12 +222,16 @@ CASES = [
     Case("dora-flag-without-magnitude", lambda raw, tmp: rebuild(tmp, raw, _set_spec("dora", True)), Q),
     Case("integer-factor", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: t.__setitem__(
         f"{Q}.lora_A", t[f"{Q}.lora_A"].astype(np.int32))), Q),
+    Case("float8-factor", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: t.__setitem__(
+        f"{Q}.lora_A", t[f"{Q}.lora_A"].astype(ml_dtypes.float8_e4m3fn))), "bfloat16, float32 or float64"),
     Case("magnitude-wrong-shape", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: (
         t.__setitem__(f"{Q}.magnitude", np.ones(3, np.float32)), spec(c).__setitem__("dora", True))), Q),
     # config and names
     Case("config-not-json", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: "{modules: }"), "portable_lora"),
     Case("config-is-a-list", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: "[]"), "portable_lora"),
     Case("format-version-2", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: c.__setitem__("format_version", 2)), "format_version"),
+    Case("format-marker-other", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: c.__setitem__("format", "other")), "format"),
+    Case("format-marker-missing", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: c.__delitem__("format")), "format"),
     Case("modules-missing", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: c.pop("modules")), "modules"),
     Case("modules-a-list", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: c.__setitem__("modules", [])), "modules"),
     Case("provenance-a-string", lambda raw, tmp: rebuild(tmp, raw, lambda t, c: c.__setitem__("provenance", "x")), "provenance"),
@@ -446,6 +450,57 @@ def test_fold_scale_warns_on_fp16_underflow_with_the_fraction():
         _common.fold_scale(np.float16([[0.5, 0.25]]), 0.5, name="m", file=None)
 
 
+def test_fold_scale_refuses_overflow_and_keeps_a_switched_off_module_silent():
+    B = np.float16([[1.0, 100.0], [0.5, -200.0]])
+    with pytest.raises(LoraError, match=r"overflows 2 of 4 entries") as info:
+        _common.fold_scale(B, 1000.0, name="m.lora_B", file="out.safetensors")
+    assert info.value.key == "m.lora_B" and info.value.file == "out.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scale 0 is no underflow: the module is off on purpose
+        assert not _common.fold_scale(B, 0.0, name="m", file=None).any()
+
+
+def test_fold_scale_rounds_the_exact_product_once():
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float16, ml_dtypes.bfloat16):
+        B = rng.standard_normal((64, 64)).astype(dtype)
+        factor = 1 / 3
+        exact = B.astype(np.float64) * factor  # exact up to float64's own rounding of a product
+        assert np.array_equal(_common.fold_scale(B, factor, name="m"), exact.astype(dtype))
+
+
+def test_to_uniform_picks_the_common_nonzero_scale():
+    adapter = pl.examples.random_adapter({"a": (4, 4), "b": (4, 4), "c": (4, 4)}, rank=2, alpha=4.0)
+    adapter["a"].alpha = adapter["b"].alpha = 0.0  # two modules switched off, one at scale 2
+    factors, rank, scale = _common.to_uniform(adapter)
+    assert scale == 2.0 and not factors["a"][1].any() and np.array_equal(factors["c"][1], adapter["c"].B)
+
+
+def test_a_pickle_suffix_is_refused_as_an_output(tmp_path):
+    with pytest.raises(LoraError, match="name it .safetensors") as info:
+        pl.save(valid_adapter(), tmp_path / "out.pt")
+    assert info.value.file == str(tmp_path / "out.pt") and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config, says", [('{"peft_type": "LORA", ', "cannot be read: not valid JSON"),
+                                          ('{"x": 1}', "neither 'peft_type' (PEFT) nor 'lora_parameters'")])
+def test_detection_says_why_an_adapter_config_matched_nothing(tmp_path, config, says):
+    pl.save(valid_adapter(), tmp_path / "p", format="peft")
+    (tmp_path / "p" / "adapter_config.json").write_text(config)
+    with pytest.raises(LoraError, match="unknown adapter layout") as info:
+        pl.load(tmp_path / "p")
+    assert says in str(info.value)
+
+
+def test_a_file_format_named_for_a_directory_says_so(tmp_path):
+    pl.save(valid_adapter(), tmp_path / "p", format="peft")
+    for fmt in ("portable", "kohya"):
+        with pytest.raises(LoraError, match=f"a {fmt} adapter is one .safetensors file; this is a directory"):
+            pl.load(tmp_path / "p", format=fmt)
+    with pytest.raises(LoraError, match=r"no adapters.safetensors \(the mlx-lm weights\)"):
+        pl.load(tmp_path / "p", format="mlx-lm")
+
+
 class _CreatesMarker:
     """Unpickling this creates a file: proof the loader never unpickles."""
 
@@ -527,3 +582,20 @@ def test_cli_merge_refuses_nonfinite_unless_allowed(tmp_path, capsys):
     with SafetensorsFile(out) as merged:
         assert np.isnan(merged.get(f"{DOWN}.weight")).any()  # what the user asked for
         assert np.isfinite(merged.get(f"{Q}.weight")).all()
+
+
+def test_merge_overflow_is_refused_or_written_with_a_warning(tmp_path):
+    from portable_lora import ops
+    adapter = valid_adapter()
+    adapter[Q].alpha = 4.0e6  # scale 2e6: ΔW far past float16's 65504
+    base = tmp_path / "base.safetensors"
+    write_safetensors(base, {f"{name}.weight": w for name, w in pl.examples.random_weights(adapter).items()})
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(LoraError, match="non-finite|overflow"):
+        ops.merge(base, adapter, out, dtype="float16")
+    assert not out.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's own cast warning stays quiet
+        report = ops.merge(base, adapter, out, dtype="float16", allow_nonfinite=True)
+    assert any(f"{Q}.weight" in w and "non-finite" in w for w in report.warnings), report.warnings
+    assert not any(DOWN in w for w in report.warnings)

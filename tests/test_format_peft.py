@@ -199,6 +199,38 @@ def test_patterns_never_capture_another_module(tmp_path):
     assert peft_format.pattern_key(config["rank_pattern"], "x.a.q") == "x.a.q"
 
 
+class _DotOrUnderscore(torch.nn.Module):
+    """Module names that differ only by '.' against '_': a.b and a_b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Module()
+        self.a.b = torch.nn.Linear(6, 5)
+        self.a_b = torch.nn.Linear(6, 5)
+        self.c = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.a.b(x) + self.a_b(x) + self.c(x)
+
+
+def test_pattern_dots_are_literal_where_they_would_match_another_name(tmp_path):
+    """PEFT reads pattern keys as regexes: the key "a.b" would also give "a_b" its rank."""
+    shapes = {"a.b": (5, 6), "a_b": (5, 6), "c": (5, 6)}
+    adapter = random_adapter(shapes, rank={"a.b": 4, "a_b": 2, "c": 2}, alpha={"a.b": 3.0, "a_b": 1.0, "c": 1.0})
+    pl.save(adapter, tmp_path / "d", format="peft")
+    config = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    assert list(config["rank_pattern"]) == [r"a\.b"]
+    loaded = peft.PeftModel.from_pretrained(_DotOrUnderscore(), tmp_path / "d")
+    layers = peft_layers(loaded)
+    assert sorted(layers) == sorted(shapes)
+    for name, layer in layers.items():
+        assert layer.r["default"] == adapter[name].rank
+        assert layer.scaling["default"] == adapter[name].scale
+    back = pl.load(tmp_path / "d")
+    for name in shapes:
+        assert np.array_equal(back[name].B, adapter[name].B) and back[name].scale == adapter[name].scale
+
+
 def test_gpt2_fan_in_fan_out(tmp_path):
     """GPT-2 Conv1D weights are (in, out): A and B keep PEFT's layout, ΔW maps transposed."""
     torch.manual_seed(0)

@@ -336,8 +336,17 @@ def test_merge_matches_peft_merge_and_unload(tmp_path):
             assert rel(out.get(k), v) < 2e-6, k
 
 
-def test_merge_fan_in_fan_out_matches_peft_gpt2(tmp_path):
-    """GPT-2 Conv1D weights are (in, out): a square c_proj would merge silently wrong if ignored."""
+@pytest.mark.parametrize("targets", [["c_attn", "c_proj"], ["attn.c_proj"]], ids=["with-c_attn", "square-only"])
+@pytest.mark.parametrize("via", ["peft", "mlx-lm"])
+@pytest.mark.parametrize("layout", ["hf", "mlx"])
+def test_merge_fan_in_fan_out_matches_peft_gpt2(tmp_path, layout, via, targets):
+    """The base's layout, not the adapter's file, decides how a GPT-2 weight is patched.
+
+    Hugging Face's GPT-2 stores Conv1D weights (in, out); mlx-lm's GPT-2 stores the same weights
+    (out, in). A PEFT GPT-2 adapter (``fan_in_fan_out=True``), or the same adapter converted to
+    mlx-lm (whose files carry no such flag), must merge into either checkpoint as PEFT's own
+    merge does, the square c_proj included, where a wrong orientation would fit silently.
+    """
     pytest.importorskip("portable_lora.formats.peft")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -345,19 +354,28 @@ def test_merge_fan_in_fan_out_matches_peft_gpt2(tmp_path):
     torch.manual_seed(1)
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=16, vocab_size=50)
     model = transformers.GPT2LMHeadModel(config).eval()
+    conv1d = {n + ".weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
     base = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    write_safetensors(tmp_path / "base.safetensors", base)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                     fan_in_fan_out=True, init_lora_weights=False))
-    pm.save_pretrained(tmp_path / "adapter")
-    report = ops.merge(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "m.safetensors")
-    assert "transformer.h.0.attn.c_proj" in report.modules  # square (32, 32): orientation matters
+    pm.save_pretrained(tmp_path / "peft")
     expected = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    if layout == "mlx":  # mlx-lm's GPT-2 checkpoint: every Conv1D weight transposed
+        base = {k: (v.T.copy() if k in conv1d else v) for k, v in base.items()}
+        expected = {k: (v.T if k in conv1d else v) for k, v in expected.items()}
+    write_safetensors(tmp_path / "base.safetensors", base)
+    adapter = tmp_path / "peft"
+    if via == "mlx-lm":
+        adapter = tmp_path / "mlx"
+        pl.save(pl.load(tmp_path / "peft"), adapter, format="mlx-lm")
+        assert "fan_in_fan_out" not in pl.load(adapter).provenance  # PEFT's flag is about its base
+    report = ops.merge(tmp_path / "base.safetensors", adapter, tmp_path / "m.safetensors")
+    assert "transformer.h.0.attn.c_proj" in report.modules  # square (32, 32): orientation matters
     merged, _ = read_safetensors(tmp_path / "m.safetensors")
     for k, v in expected.items():
         assert rel(merged[k], v) < 2e-6, k
-    j = ops.inspect(tmp_path / "adapter", base=tmp_path / "base.safetensors").to_json()
-    assert j["base"]["unmatched"] == [] and len(j["base"]["modules"]) == 3
+    j = ops.inspect(adapter, base=tmp_path / "base.safetensors").to_json()
+    assert j["base"]["unmatched"] == [] and len(j["base"]["modules"]) == len(report.modules)
 
 
 # -- extract and resize ---------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from ..io.atomic import durable_writes
 from ..adapter import Adapter
 from ..core import RULES
 from ..errors import LoraError
-from ._common import refuse_pickle
+from ._common import PICKLE_SUFFIXES, read_json, refuse_pickle
 
-__all__ = ["FORMATS", "get_format", "detect", "load", "save"]
+__all__ = ["FORMATS", "get_format", "detect", "load", "save", "check_destination"]
 
 # Detection order: the most specific signatures first.
 FORMATS: dict[str, str] = {
@@ -85,7 +85,26 @@ def detect(path: str | os.PathLike) -> tuple[str, str]:
         if reason:
             return name, reason
     raise LoraError(f"unknown adapter layout: found {_describe_contents(p)}; expected one of "
-                    f"{', '.join(FORMATS)}", file=p)
+                    f"{', '.join(FORMATS)}{_config_trouble(p)}", file=p)
+
+
+# PEFT and mlx-lm both keep their config under this name; mlx-vlm's legacy layout too
+_CONFIG_NAME = "adapter_config.json"
+
+
+def _config_trouble(p: Path) -> str:
+    """Why an adapter config beside ``p`` made no format match (the likeliest cause), or ''."""
+    config = (p if p.is_dir() else p.parent) / _CONFIG_NAME
+    if not config.is_file():
+        return ""
+    try:
+        fields = read_json(config)
+    except LoraError as exc:
+        return f"; its {_CONFIG_NAME} cannot be read: {exc.detail}"
+    if "peft_type" not in fields and "lora_parameters" not in fields:
+        return (f"; its {_CONFIG_NAME} has neither 'peft_type' (PEFT) nor 'lora_parameters' (mlx-lm), "
+                f"found the fields {sorted(fields)[:12]}")
+    return f" (its {_CONFIG_NAME} reads; name the format (--format, format=) to be told what else is missing)"
 
 
 def load(path: str | os.PathLike, format: str | None = None, convention: str | None = None,
@@ -107,6 +126,9 @@ def load(path: str | os.PathLike, format: str | None = None, convention: str | N
             raise LoraError("no such file or directory", file=p)
         refuse_pickle(p)
         reason = "given by the caller"
+        if get_format(format).LAYOUT == "file" and p.is_dir():
+            raise LoraError(f"a {format} adapter is one .safetensors file; this is a directory "
+                            f"({_describe_contents(p)})", file=p)
     adapter = get_format(format).load(p, convention=convention, **options)
     previous = adapter.provenance.get("source_format")
     if previous and previous != format:
@@ -117,14 +139,25 @@ def load(path: str | os.PathLike, format: str | None = None, convention: str | N
     return adapter
 
 
-def save(adapter: Adapter, path: str | os.PathLike, format: str = "portable", *,
-         overwrite: bool = True, durable: bool | None = None, **options: Any) -> None:
-    """Write ``adapter`` in ``format``, atomically (see :mod:`portable_lora.io.atomic`);
-    ``durable=True`` also fsyncs (default: :func:`~portable_lora.io.atomic.is_durable`)."""
+def check_destination(path: str | os.PathLike, format: str, *, overwrite: bool = True) -> Path:
+    """Refuse, before any work, a destination :func:`save` would refuse; returns it as a Path."""
+    get_format(format)
     p = Path(path)
     if not overwrite and (p.exists() or p.is_symlink()):
         raise LoraError("already exists (pass overwrite=True, or --force on the command line)", file=p)
     if not p.parent.exists():
         raise LoraError("the parent directory does not exist", file=p)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraError(f"a {p.suffix} name marks a pickled checkpoint, which every reader of this "
+                        "library refuses; the file would be safetensors: name it .safetensors "
+                        "(or a directory, for peft / mlx-lm / mlx-vlm)", file=p)
+    return p
+
+
+def save(adapter: Adapter, path: str | os.PathLike, format: str = "portable", *,
+         overwrite: bool = True, durable: bool | None = None, **options: Any) -> None:
+    """Write ``adapter`` in ``format``, atomically (see :mod:`portable_lora.io.atomic`);
+    ``durable=True`` also fsyncs (default: :func:`~portable_lora.io.atomic.is_durable`)."""
+    p = check_destination(path, format, overwrite=overwrite)
     with durable_writes(durable):
         get_format(format).save(adapter, p, **options)

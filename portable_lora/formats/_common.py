@@ -24,7 +24,7 @@ from ..io.safetensors_io import SafetensorsFile
 __all__ = ["refuse_pickle", "read_json", "read_tensors", "require", "UnderflowWarning",
            "fold_scale", "to_uniform", "PICKLE_SUFFIXES", "safetensors_files",
            "pair_keys", "convention_provenance", "module_from", "check_replaceable",
-           "PROVENANCE_KEY", "pattern_key", "stored_provenance", "provenance_metadata",
+           "PROVENANCE_KEY", "pattern_key", "stored_provenance", "carried_provenance", "STALE_PROVENANCE", "provenance_metadata",
            "peek_safetensors", "parse_json"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -152,14 +152,24 @@ def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def fold_scale(B: np.ndarray, factor: float, *, name: str, file: Any = None) -> np.ndarray:
-    """``factor · B`` in B's dtype (computed in float32, or float64 for float64 B, rounded once).
+    """``factor · B`` in B's dtype: the product taken in float64, then rounded to B's dtype.
 
-    Warns with :class:`UnderflowWarning` when entries that were non-zero become zero.
+    Warns with :class:`UnderflowWarning` when entries that were non-zero become zero; raises
+    :class:`LoraError` when finite entries overflow B's dtype (the file would hold infinities).
     """
     if factor == 1.0:
         return B
-    acc = np.float64 if B.dtype == np.float64 else np.float32
-    folded = (B.astype(acc) * acc(factor)).astype(B.dtype)
+    if factor == 0.0:  # a module switched off: its ΔW is zero on purpose, nothing underflowed
+        return np.zeros_like(B)
+    wide = B.astype(np.float64) * np.float64(factor)
+    with np.errstate(over="ignore"):
+        folded = wide.astype(B.dtype)
+    overflowed = int(np.count_nonzero(~np.isfinite(folded) & np.isfinite(wide)))
+    if overflowed:
+        raise LoraError(f"folding scale {factor:g} into {B.dtype} B overflows {overflowed} of {B.size} "
+                        f"entries (largest |scale·B| {np.max(np.abs(wide[np.isfinite(wide)])):.4g}, "
+                        f"the dtype's limit {float(np.finfo(B.dtype).max):.4g}); save with another global "
+                        "scale or in a wider dtype", file=file, key=name)
     lost = int(np.count_nonzero((folded == 0) & (B != 0)))
     if lost:
         frac = lost / max(B.size, 1)
@@ -175,15 +185,17 @@ def to_uniform(adapter: Adapter, *, scale: float | None = None, file: Any = None
 
     Each module's ``s_m / scale`` is folded into its B and ranks are zero-padded to the
     largest, so every ΔW is kept (exactly where no folding is needed). ``scale`` defaults to
-    the most common module scale (so the common case folds nothing).
+    the most common non-zero module scale (so the common case folds nothing; modules switched
+    off with scale 0 get a zero B), 1 when every module is at 0.
     """
     if not adapter:
         raise LoraError("the adapter has no modules", file=file)
     if scale is None:
         counts: dict[float, int] = {}
         for m in adapter.values():
-            counts[m.scale] = counts.get(m.scale, 0) + 1
-        scale = max(counts, key=lambda s: (counts[s], -abs(s)))
+            if m.scale != 0 and math.isfinite(m.scale):
+                counts[m.scale] = counts.get(m.scale, 0) + 1
+        scale = max(counts, key=lambda s: (counts[s], -abs(s))) if counts else 1.0
     if scale == 0 or not math.isfinite(scale):
         raise LoraError(f"a global scale of {scale} cannot carry the adapter", file=file)
     rank = max(m.rank for m in adapter.values()) if pad else None
@@ -219,15 +231,32 @@ def pattern_key(patterns: Iterable[str], name: str) -> str:
     return name
 
 
-def stored_provenance(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
-    """The JSON object our writers keep under :data:`PROVENANCE_KEY` ({} when absent)."""
+# Provenance an earlier writer recorded that a later reader must not take over: where that
+# file lay and how it was recognised (told anew by every load), and PEFT's ``fan_in_fan_out``,
+# which describes the Hugging Face checkpoint a PEFT config was written for (GPT-2's Conv1D
+# stores (in, out)), not the adapter: a file of another format applies to that format's own
+# models, which store (out, in) (mlx-lm's GPT-2 transposes those weights when it loads them).
+STALE_PROVENANCE = ("source_path", "detected_because", "source_format", "fan_in_fan_out")
+
+
+def carried_provenance(provenance: Mapping[str, Any], fmt: str) -> dict[str, Any]:
+    """What a file of format ``fmt`` carries over from the provenance an earlier writer stored."""
+    carried = {k: v for k, v in provenance.items() if k not in STALE_PROVENANCE}
+    if provenance.get("source_format") not in (None, fmt):
+        carried["origin_format"] = provenance["source_format"]
+    return carried
+
+
+def stored_provenance(metadata: Mapping[str, str], path: Path, fmt: str) -> dict[str, Any]:
+    """The JSON object our writers keep under :data:`PROVENANCE_KEY` ({} when absent), its
+    ``provenance`` reduced to what carries over (:func:`carried_provenance`)."""
     raw = metadata.get(PROVENANCE_KEY)
     if raw is None:
         return {}
     stored = parse_json(raw, file=path, key=PROVENANCE_KEY)
     if not isinstance(stored.get("provenance", {}), dict):
         raise LoraError("expected a JSON object with a 'provenance' object", file=path, key=PROVENANCE_KEY)
-    return stored
+    return {**stored, "provenance": carried_provenance(stored.get("provenance") or {}, fmt)}
 
 
 def provenance_metadata(adapter: Adapter, **extra: Any) -> str:

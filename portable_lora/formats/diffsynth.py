@@ -85,7 +85,7 @@ def load(path: Path, *, convention: str | None = None, alpha: float | None = Non
                             "<module>.lora_B.default.weight", file=path, key=key)
     if not parts:
         raise LoraError("the file has no LoRA tensors", file=path)
-    stored = stored_provenance(metadata, path)
+    stored = stored_provenance(metadata, path, NAME)
     adapter = Adapter(base_model=stored.get("base_model"), provenance=stored.get("provenance") or {})
     for name, roles in parts.items():
         for needed, other in (("A", "B"), ("B", "A")):

@@ -139,7 +139,7 @@ def load(path: Path, *, convention: str | None = None, **options: Any) -> Adapte
     if not parts:
         raise LoraError("the file has no LoRA tensors", file=path)
     configs = _configs(metadata[METADATA_KEY], path) if METADATA_KEY in metadata else None
-    stored = stored_provenance(metadata, path)
+    stored = stored_provenance(metadata, path, NAME)
     adapter = Adapter(base_model=stored.get("base_model"), provenance=stored.get("provenance") or {})
     for name, roles in parts.items():
         for needed in ("A", "B"):

@@ -8,9 +8,9 @@ component-prefixed names (``unet.down_blocks.0...``) through :mod:`.kohya_names`
 
 Scale: α/r with r = ``lora_down.shape[0]``; α = 0 or missing means α = r (scale 1). The
 ``ss_network_dim`` and ``ss_network_alpha`` metadata are informational only and never used for
-the scale. (LyCORIS's ``rs_lora`` option trains at α/√r but stores the plain α, and every
-reader, LyCORIS's own included, applies α/r: pass ``convention="alpha/sqrt(rank)"`` for such a
-file to get its training-time scale.)
+the scale. (LyCORIS's ``rs_lora`` option trains at α/√r and stores α·√r, so the default α/r
+reading gives the training-time scale; pass ``convention=`` only for a file whose writer stored
+an α meant for another rule.)
 
 Load options: ``modules=[...]``, ``modules_from=<base checkpoint>``, ``naming="sd1"|"sd2"|"sdxl"``
 (see :func:`.kohya_names.resolve_names`); ``convention=`` (``raw``, ``alpha/rank``,
@@ -156,7 +156,7 @@ def load(path: Path, *, convention: str | None = None, modules: Any = None, modu
     names, _ = resolve_names(groups, file=path, modules=modules, modules_from=modules_from,
                              naming=naming, keys={m: p["lora_down.weight"] for m, p in groups.items()})
     rule = convention or core.ALPHA_OVER_RANK
-    stored = stored_provenance(metadata, path)
+    stored = stored_provenance(metadata, path, NAME)
     adapter = Adapter(base_model=stored.get("base_model") or metadata.get("ss_sd_model_name")
                       or metadata.get("ss_base_model_version"),
                       provenance=stored.get("provenance") or {})

@@ -43,7 +43,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import LoraError
 from ..io.atomic import atomic_directory
 from ..io.safetensors_io import LazyTensor, SafetensorsFile, write_safetensors
-from ._common import (check_replaceable, convention_provenance, module_from, read_json, read_tensors,
+from ._common import (carried_provenance, check_replaceable, convention_provenance, module_from, read_json, read_tensors,
                       require, to_uniform, transposed)
 
 __all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "ENTRY", "EMBEDDING_NAMES", "detect", "load", "save"]
@@ -61,7 +61,6 @@ VLM_TOP_LEVEL = ("language_model.", "vision_tower.", "vision_model.", "multi_mod
                  "embed_vision.")
 _LEAVES = ("lora_a", "lora_b", "m")
 _BLOCK = re.compile(r"^(?P<container>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
-_STALE = ("source_path", "detected_because", "source_format")
 
 
 # -- finding and telling mlx-lm from mlx-vlm --------------------------------------------------
@@ -183,9 +182,12 @@ def load_layout(config_path: Path, weights_path: Path, *, fmt: str, convention: 
                 embedding_modules: Iterable[str] | None) -> Adapter:
     """Read the mlx-lm layout (shared by mlx-lm and the current mlx-vlm format)."""
     if not config_path.is_file():
-        raise LoraError(f"no {CONFIG_NAME} beside the weights", file=config_path.parent)
+        raise LoraError(f"no {CONFIG_NAME} in {config_path.parent} (an {fmt} adapter keeps one "
+                        "beside its weights)", file=weights_path)
     if not weights_path.is_file():
-        raise LoraError("no adapter weights (.safetensors) found", file=weights_path)
+        held = sorted(q.name for q in weights_path.parent.iterdir())[:12] if weights_path.parent.is_dir() else []
+        raise LoraError(f"no {weights_path.name} (the {fmt} weights) in {weights_path.parent}; it holds "
+                        f"{held}", file=weights_path.parent)
     config = read_json(config_path)
     fine_tune_type = require(config, "fine_tune_type", str, file=config_path, default="lora")
     if fine_tune_type == "full":
@@ -265,9 +267,7 @@ def load_layout(config_path: Path, weights_path: Path, *, fmt: str, convention: 
                                                 magnitude=m.magnitude, name=name, file=weights_path)
             carried = entry.get("provenance")
             if isinstance(carried, dict):
-                provenance.update({k: v for k, v in carried.items() if k not in _STALE})
-                if carried.get("source_format") not in (None, fmt):
-                    provenance["origin_format"] = carried["source_format"]
+                provenance.update(carried_provenance(carried, fmt))
             if isinstance(entry.get("base_model"), str):
                 base_model = entry["base_model"]
     provenance.update(convention_provenance(

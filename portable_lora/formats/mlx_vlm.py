@@ -116,7 +116,8 @@ def load(path: Path, *, convention: str | None = None,
         raise LoraError("expected an mlx-vlm adapter directory or its .safetensors file", file=path)
     config_path, weights_path = found
     if not config_path.is_file():
-        raise LoraError(f"no {CONFIG_NAME} beside the weights", file=config_path.parent)
+        raise LoraError(f"no {CONFIG_NAME} in {config_path.parent} (an mlx-vlm adapter keeps one "
+                        "beside its weights)", file=weights_path)
     if not weights_path.is_file():
         raise LoraError(f"no adapter weights ({' or '.join(WEIGHTS_NAMES)})", file=path)
     if flavour(read_json(config_path), weights_path) == "mlx-vlm-legacy":

@@ -49,7 +49,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import LoraError
 from ..io.atomic import atomic_directory
 from ..io.safetensors_io import write_safetensors
-from ._common import (PROVENANCE_KEY, check_replaceable, parse_json, convention_provenance, module_from, pattern_key,
+from ._common import (PROVENANCE_KEY, carried_provenance, check_replaceable, parse_json, convention_provenance, module_from, pattern_key,
                       read_json, read_tensors, require)
 
 __all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "detect", "load", "save", "pattern_key"]
@@ -62,7 +62,6 @@ PREFIX = "base_model.model."
 # not "portable_lora": that header entry marks a file of the portable format itself
 METADATA_KEY = PROVENANCE_KEY
 _REPLACEABLE = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
-_STALE = ("source_path", "detected_because", "source_format")
 
 # <module>.<part>[.<adapter name>][.weight|.bias]: PEFT strips the adapter name on save, some
 # tools (DiffSynth, hand-made exports) keep "default".
@@ -199,10 +198,7 @@ def _restore_entry(adapter_modules: dict[str, LoraModule], entry: Any, notes: li
     if not isinstance(provenance, dict):
         return {}
     # what the earlier writer knew about its own input; where this file lies is told anew
-    carried = {k: v for k, v in provenance.items() if k not in _STALE}
-    if provenance.get("source_format") not in (None, NAME):
-        carried["origin_format"] = provenance["source_format"]
-    return carried
+    return carried_provenance(provenance, NAME)
 
 
 def load(path: Path, *, convention: str | None = None, extra_tensors: str = "error",
@@ -214,7 +210,8 @@ def load(path: Path, *, convention: str | None = None, extra_tensors: str = "err
     base weights PEFT saves beside an embedding LoRA), listing them in provenance.
     """
     if options:
-        raise LoraError(f"unknown options for the peft format: {sorted(options)}", file=path)
+        raise LoraError(f"unknown options for the peft format: {sorted(options)}; it reads "
+                        "convention and extra_tensors ('error' or 'ignore')", file=path)
     if extra_tensors not in ("error", "ignore"):
         raise LoraError(f"extra_tensors must be 'error' or 'ignore', found {extra_tensors!r}",
                         key="extra_tensors")
@@ -223,7 +220,8 @@ def load(path: Path, *, convention: str | None = None, extra_tensors: str = "err
         raise LoraError(f"expected a PEFT adapter directory or its {WEIGHTS_NAME}", file=path)
     config_path, weights_path = found
     if not config_path.is_file():
-        raise LoraError(f"no {CONFIG_NAME} beside the weights", file=config_path.parent)
+        raise LoraError(f"no {CONFIG_NAME} in {config_path.parent} (a PEFT adapter keeps one beside "
+                        "its weights)", file=path)
     if not weights_path.is_file():
         raise LoraError(f"no {WEIGHTS_NAME} (pickled adapter_model.bin files are refused)",
                         file=weights_path.parent)
@@ -332,9 +330,17 @@ def explicit_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]
     Keys are exact module names, longest first; a module whose default would be captured by
     a shorter key (its name ends with ``.<key>``) gets its own entry.
     """
+    names = list(values)
+
     def key(name: str) -> str:
-        # PEFT reads keys as regular expressions: names with other characters are escaped
-        return name if re.fullmatch(r"[\w.]+", name) else re.escape(name)
+        # PEFT reads keys as regular expressions: names with other characters are escaped, and
+        # so are names whose dots (any character, read so) would also match another module
+        if not re.fullmatch(r"[\w.]+", name):
+            return re.escape(name)
+        loose = re.compile(rf"(.*\.)?({name})$")
+        if any(other != name and not other.endswith("." + name) and loose.match(other) for other in names):
+            return re.escape(name)
+        return name
 
     def ordered(p):
         return dict(sorted(p.items(), key=lambda kv: (-len(kv[0]), kv[0])))

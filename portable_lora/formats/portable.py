@@ -73,6 +73,9 @@ def load(path: Path, *, convention: str | None = None, **options: Any) -> Adapte
         if METADATA_KEY not in f.metadata:
             raise LoraError(f"no {METADATA_KEY!r} metadata entry: not a portable-lora file", file=path)
         config = parse_json(f.metadata[METADATA_KEY], file=path, key=METADATA_KEY)
+        marker = require(config, "format", str, file=path)
+        if marker != "portable-lora":
+            raise LoraError(f"expected 'portable-lora', found {marker!r}", file=path, key="format")
         version = require(config, "format_version", int, file=path)
         if version != FORMAT_VERSION:
             raise LoraError(f"format_version {version} is not supported; this library reads "

@@ -19,7 +19,7 @@ from ..adapter import Adapter
 from ..errors import LoraError
 from ..testing import BACKENDS, TOLERANCE, EquivalenceReport, check_equivalence
 from ._checkpoint import Checkpoint, match_modules
-from ._merge import base_shape, fan_in_fan_out
+from ._merge import base_layouts, base_shape
 from ._util import collect_warnings, load_adapter, source_name
 
 __all__ = ["check", "CheckReport", "example_adapter"]
@@ -123,11 +123,12 @@ def _base_weights(adapter: Adapter, base: str | os.PathLike) -> dict[str, np.nda
             first = next(iter(unmatched))
             raise LoraError(f"{len(unmatched)} modules match no base tensor, e.g. {first}: "
                             f"{unmatched[first]}", file=base, key=first)
-        transposed = fan_in_fan_out(adapter)
+        layouts = base_layouts(adapter, ckpt, matched)
         weights = {}
         for module, key in matched.items():
             m = adapter[module]
             w = ckpt.get(key)
+            transposed = layouts[module]
             if tuple(w.shape) != base_shape(m, transposed):
                 raise LoraError(f"shape {list(w.shape)}, the adapter needs {list(base_shape(m, transposed))}",
                                 file=base, key=key)

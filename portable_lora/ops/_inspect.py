@@ -21,7 +21,7 @@ from .. import core
 from ..adapter import Adapter
 from ..errors import LoraError
 from ._checkpoint import Checkpoint, match_modules
-from ._merge import base_shape, fan_in_fan_out
+from ._merge import base_layouts, base_shape
 from ._util import (collect_warnings, fmt_num, fmt_pct, format_table, load_adapter, source_name)
 
 __all__ = ["inspect", "InspectReport", "BaseComparison", "WEAK", "STRONG"]
@@ -195,10 +195,11 @@ def compare_with_base(adapter: Adapter, base: str | os.PathLike) -> BaseComparis
         matched, unmatched = match_modules(adapter, ckpt.keys())
         for module, reason in unmatched.items():
             result.unmatched.append({"module": module, "reason": reason})
+        layouts = base_layouts(adapter, ckpt, matched)
         for module, key in matched.items():
             m = adapter[module]
             info = ckpt.info(key)
-            expected = base_shape(m, fan_in_fan_out(adapter))
+            expected = base_shape(m, layouts[module])
             if tuple(info.shape) != expected:
                 result.unmatched.append({"module": module, "reason": f"{key!r} has shape "
                                          f"{list(info.shape)}, the adapter needs {list(expected)}"})

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from ._checkpoint import MODULE_PREFIXES, Checkpoint, match_modules
 from ._util import (check_output, collect_warnings, human_bytes, load_adapter, parse_dtype,
                     progress_bar, same_path, source_name)
 
-__all__ = ["merge", "MergeReport", "merge_tensor", "merge_blocks", "MERGE_METADATA_KEY", "fan_in_fan_out", "base_shape"]
+__all__ = ["merge", "MergeReport", "merge_tensor", "merge_blocks", "MERGE_METADATA_KEY", "fan_in_fan_out", "base_layouts", "base_shape"]
 
 #: safetensors metadata entry recording what was merged into each output shard
 MERGE_METADATA_KEY = "portable_lora.merge"
@@ -146,7 +147,8 @@ def merge_blocks(read_rows: Callable[[int, int, np.ndarray], None], shape: tuple
                                                 transposed=transposed))
         buffer = _OUTPUT.get(merged.size * target.itemsize)
         block = buffer[:merged.size * target.itemsize].view(target).reshape(merged.shape)
-        np.copyto(block, merged, casting="unsafe")  # the one rounding
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is _checked's to report
+            np.copyto(block, merged, casting="unsafe")  # the one rounding
         try:
             return _checked(block, merged, target, allow_nonfinite, name, start, stop), buffer
         except BaseException:
@@ -266,6 +268,9 @@ def _in_order(fn: Callable[[int], Any], items: range, threads: int) -> Iterator[
 def _checked(block: np.ndarray, wide: np.ndarray, target: np.dtype, allow_nonfinite: bool, name: str,
              start: int, stop: int) -> np.ndarray:
     if allow_nonfinite:
+        if not _finite(block).all():  # written as asked, and said so (once per tensor)
+            warnings.warn(f"{name}: the merged tensor holds non-finite values (NaN or ±inf, "
+                          f"{target}); written anyway, as allow_nonfinite asks", UserWarning, stacklevel=2)
         return block
     bound = _overflow_bound(target) if wide.dtype.kind == "f" else None
     if bound is not None:
@@ -336,7 +341,8 @@ class MergeReport:
 
 
 def _check_plan(adapter: Adapter, ckpt: Checkpoint, *, source: str, unmerge: bool,
-                allow_nonfinite: bool) -> dict[str, str]:
+                allow_nonfinite: bool) -> tuple[dict[str, str], dict[str, bool]]:
+    """The base tensor each module patches, and whether that tensor is stored (in, out)."""
     matched, unmatched = match_modules(adapter, ckpt.keys())
     if unmatched:
         names = list(unmatched)
@@ -347,13 +353,13 @@ def _check_plan(adapter: Adapter, ckpt: Checkpoint, *, source: str, unmerge: boo
                         f"{ckpt.path} ('<module>.weight', also tried with a prefix from "
                         f"{', '.join(MODULE_PREFIXES)} added or stripped): {listing}{why}",
                         file=source, key=names[0])
-    transposed = fan_in_fan_out(adapter)
+    layouts = base_layouts(adapter, ckpt, matched)
     for module, key in matched.items():
         m = adapter[module]
         info = ckpt.info(key)
-        expected = base_shape(m, transposed)
+        expected = base_shape(m, layouts[module])
         if tuple(info.shape) != expected:
-            layout = " (fan_in_fan_out: stored (in, out))" if transposed and m.kind == "linear" else ""
+            layout = " (stored (in, out), as GPT-2's Conv1D)" if layouts[module] and m.kind == "linear" else ""
             raise LoraError(f"the base tensor {key!r} has shape {list(info.shape)}; the adapter's "
                             f"{m.kind} module needs {list(expected)}{layout}", file=source, key=module)
         if not _is_float(info.dtype):
@@ -363,12 +369,72 @@ def _check_plan(adapter: Adapter, ckpt: Checkpoint, *, source: str, unmerge: boo
             raise LoraError("unmerging DoRA needs the weight norm from before the merge, which no "
                             "adapter file stores", file=source, key=module)
     check_finite({m: adapter[m] for m in matched}, file=source, allow_nonfinite=allow_nonfinite)
-    return matched
+    return matched, layouts
 
 
 def fan_in_fan_out(adapter: Adapter) -> bool:
-    """Whether the adapter's base weights are stored (in, out) (PEFT ``fan_in_fan_out``, GPT-2)."""
+    """Whether the adapter says its base weights are stored (in, out) (PEFT ``fan_in_fan_out``, GPT-2).
+
+    Only a hint: :func:`base_layouts` decides from the base's own shapes where they tell.
+    """
     return bool(adapter.provenance.get("fan_in_fan_out", False))
+
+
+def base_layouts(adapter: Adapter, ckpt: Checkpoint, matched: Mapping[str, str]) -> dict[str, bool]:
+    """For each module of ``matched`` (module → its tensor in ``ckpt``): is that weight stored (in, out)?
+
+    The layout belongs to the base checkpoint, not to the adapter: Hugging Face's GPT-2 stores
+    its ``Conv1D`` weights (in, out), mlx-lm's GPT-2 the same weights (out, in), and one adapter
+    applies to both. A non-square linear weight tells its layout by its shape. A square one
+    cannot: it takes the layout the patched non-square linear weights share; when there are
+    none, the layout of the checkpoint's GPT-2-style ``c_attn`` / ``c_fc`` weights (their output
+    is 3× / 4× their input, so their shape tells); only when neither tells (or they disagree)
+    the adapter's own hint, PEFT's ``fan_in_fan_out`` flag (:func:`fan_in_fan_out`). Non-linear modules are never transposed; a shape that fits neither
+    layout gets the hint, for the caller's shape check to report.
+
+    Hugging Face GPT-2, ``c_attn`` stored (768, 2304) and ``c_proj`` (768, 768)::
+
+    >>> base_layouts(adapter, ckpt, {"h.0.attn.c_attn": "h.0.attn.c_attn.weight",
+    ...                               "h.0.attn.c_proj": "h.0.attn.c_proj.weight"})  # doctest: +SKIP
+    {'h.0.attn.c_attn': True, 'h.0.attn.c_proj': True}
+    """
+    hint = fan_in_fan_out(adapter)
+    layouts: dict[str, bool] = {}
+    square: list[str] = []
+    told: set[bool] = set()
+    for module, key in matched.items():
+        m, shape = adapter[module], tuple(ckpt.info(key).shape)
+        out_in = tuple(m.weight_shape)
+        if m.kind != "linear":
+            layouts[module] = False
+        elif out_in[0] == out_in[1]:
+            square.append(module)
+        elif shape in (out_in, out_in[::-1]):
+            layouts[module] = shape != out_in
+            told.add(layouts[module])
+        else:
+            layouts[module] = hint
+    if square and not told:
+        told = _wide_projection_layouts(ckpt)
+    shared = next(iter(told)) if len(told) == 1 else hint
+    layouts.update((module, shared) for module in square)
+    return layouts
+
+
+# GPT-2's family (gpt2, openai-gpt, imagegpt, decision_transformer: the Hugging Face models with
+# Conv1D projections) names its widening projections c_attn (out = 3 × in) and c_fc (4 × in).
+_WIDE_PROJECTIONS = ("c_attn.weight", "c_fc.weight")
+
+
+def _wide_projection_layouts(ckpt: Checkpoint) -> set[bool]:
+    """The layouts (True: (in, out)) the checkpoint's c_attn / c_fc weights are stored in."""
+    layouts = set()
+    for key in ckpt.keys():
+        if ".".join(key.split(".")[-2:]) in _WIDE_PROJECTIONS:
+            shape = tuple(ckpt.info(key).shape)
+            if len(shape) == 2 and shape[0] != shape[1]:
+                layouts.add(shape[0] < shape[1])
+    return layouts
 
 
 def base_shape(module: LoraModule, transposed: bool) -> tuple[int, ...]:
@@ -415,9 +481,8 @@ def merge(base: str | os.PathLike, adapter: Any, out: str | os.PathLike, *, stre
                             modules=ckpt.module_names())
         if not len(lora):
             raise LoraError("the adapter has no modules", file=src)
-        plan = _check_plan(lora, ckpt, source=src, unmerge=unmerge, allow_nonfinite=allow_nonfinite)
+        plan, layouts = _check_plan(lora, ckpt, source=src, unmerge=unmerge, allow_nonfinite=allow_nonfinite)
         owner = {key: module for module, key in plan.items()}
-        transposed = fan_in_fan_out(lora)
         record = {"adapter": src, "strength": strength, "unmerge": unmerge,
                   "modules": len(plan), "tool": "portable-lora merge"}
 
@@ -441,7 +506,7 @@ def merge(base: str | os.PathLike, adapter: Any, out: str | os.PathLike, *, stre
 
                 blocks = merge_blocks(read_rows, tuple(info.shape), info.dtype, m, m.scale * strength,
                                       out_dtype=target, unmerge=unmerge, allow_nonfinite=allow_nonfinite,
-                                      name=name, transposed=transposed and m.kind == "linear",
+                                      name=name, transposed=layouts[module] and m.kind == "linear",
                                       threads=threads)
                 return _naming_shard(blocks, ckpt.shard_path(ckpt.shard_of(name)))
             return produce
