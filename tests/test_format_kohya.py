@@ -550,3 +550,25 @@ def test_lycoris_shape_mismatch_with_module_list(tmp_path):
     with pytest.raises(LoraError, match="weight has shape"):
         read_lycoris_deltas(p, modules={"m": (4, 4)})
     assert read_lycoris_deltas(p, modules={"m": (3, 2, 2)})["m"].shape == (3, 2, 2)
+
+
+def test_our_files_keep_each_modules_alpha_and_rule_exactly(tmp_path):
+    """A kohya α is a float32 read under α/r: our writer records the module's own α and rule."""
+    adapter = Adapter({
+        "unet.a": LoraModule(rand(3, 8), rand(6, 3), alpha=0.1, rule="alpha/rank"),
+        "unet.b": LoraModule(rand(4, 8), rand(6, 4), alpha=8.0, rule="alpha/sqrt(rank)"),
+        "unet.c": LoraModule(rand(2, 8), rand(6, 2), alpha=5.0, rule="raw"),
+    })
+    pl.save(adapter, tmp_path / "k.safetensors", format="kohya")
+    back = pl.load(tmp_path / "k.safetensors", modules=list(adapter))
+    for name, m in adapter.items():
+        assert (back[name].alpha, back[name].rule, back[name].scale) == (m.alpha, m.rule, m.scale), name
+    # an alpha tensor edited since (here: doubled) wins over the recorded one
+    tensors, meta = read_safetensors(tmp_path / "k.safetensors")
+    key = next(k for k in tensors if k.endswith(".alpha") and "_b." in k)
+    tensors[key] = tensors[key] * np.float32(2)
+    write_safetensors(tmp_path / "edited.safetensors", tensors, meta)
+    edited = pl.load(tmp_path / "edited.safetensors", modules=list(adapter))
+    assert edited["unet.b"].rule == "alpha/rank"
+    assert edited["unet.b"].scale == pytest.approx(2 * adapter["unet.b"].scale, rel=1e-6)
+    assert (edited["unet.a"].alpha, edited["unet.a"].rule) == (0.1, "alpha/rank")

@@ -171,6 +171,8 @@ def load(path: Path, *, convention: str | None = None, modules: Any = None, modu
             alpha = core.alpha_for_scale(1.0, rank, rule) if rank > 0 else 1.0
         adapter[name] = module_from(A, B, alpha=alpha, rule=rule, kind="conv" if A.ndim == 4 else "linear",
                                     name=name, file=path)
+    if convention is None:
+        _restore_exact(adapter, stored.get("modules"), names.values())
     adapter.provenance.setdefault("source_format", NAME)
     adapter.provenance.update(convention_provenance(
         convention, core.ALPHA_OVER_RANK,
@@ -181,6 +183,29 @@ def load(path: Path, *, convention: str | None = None, modules: Any = None, modu
     if info:
         adapter.provenance["kohya_metadata"] = info
     return adapter
+
+
+def _restore_exact(adapter: Adapter, written: Any, names: Iterable[str]) -> None:
+    """Give modules back the α and rule our writer recorded, where the file still means them.
+
+    A kohya α is a float32 tensor read under α/r: α = 0.1, or an rsLoRA module, comes back
+    within float32's rounding of its scale. Our writer records each module's own α and rule;
+    they are taken back only when the file's scale agrees with them to that rounding (nobody
+    retrained or edited the file since), so a hand-edited alpha tensor always wins.
+    """
+    if not isinstance(written, dict):
+        return
+    for name in names:
+        entry = written.get(name)
+        if not isinstance(entry, dict) or name not in adapter:
+            continue
+        alpha, rule = entry.get("alpha"), entry.get("rule")
+        if (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+                and alpha > 0 and rule in core.RULES):
+            m = adapter[name]
+            exact = core.effective_scale(float(alpha), m.rank, rule)
+            if math.isclose(exact, m.scale, rel_tol=2 ** -23, abs_tol=0.0):
+                m.alpha, m.rule = float(alpha), rule
 
 
 def _most_common(values: Iterable[Any]) -> Any:
@@ -197,6 +222,7 @@ def save(adapter: Adapter, path: Path, *, te1: bool | None = None, **options: An
     tensors: dict[str, np.ndarray] = {}
     owners: dict[str, str] = {}
     alphas: list[float] = []
+    exact: dict[str, dict[str, Any]] = {}  # each module's own α and rule, for _restore_exact
     for name, m in adapter.items():
         if m.kind == "embedding":
             raise LoraError("kohya files have no embedding LoRA", file=path, key=name)
@@ -212,6 +238,8 @@ def save(adapter: Adapter, path: Path, *, te1: bool | None = None, **options: An
                             f"name {kname!r}", file=path, key=name)
         owners[kname] = name
         A, B, alpha = m.A, m.B, _kohya_alpha(m)
+        if alpha > 0 and m.alpha > 0:
+            exact[name] = {"alpha": float(m.alpha), "rule": m.rule}
         if alpha < 0:  # kohya readers take α as given, ours refuses a negative α: move the sign into B
             alpha, B = -alpha, -B
         if alpha == 0:  # α = 0 would read as α = r: keep ΔW = 0 with zero B instead
@@ -227,7 +255,7 @@ def save(adapter: Adapter, path: Path, *, te1: bool | None = None, **options: An
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(_most_common(m.rank for m in adapter.values())),
         "ss_network_alpha": repr(_most_common(alphas)),
-        PROVENANCE_KEY: provenance_metadata(adapter),
+        PROVENANCE_KEY: provenance_metadata(adapter, modules=exact),
     }
     write_safetensors(path, tensors, metadata)
 
