@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 a check found a difference (``verify``, ``check``, ``demo``,
 ``convert --verify``); 2 bad input or usage, reported on one line
-``portable-lora: error: <file> [<key>]: <detail>`` (a traceback only with ``--debug``);
-3 an internal error (a bug; ``--debug`` shows the traceback); 130 interrupted.
+``portable-lora: error: <file> [<key>]: <detail>`` (``--<option>: <detail>`` for a bad
+command-line value); 3 an internal error (a bug); 130 interrupted. ``--debug`` prints the
+traceback before that line and changes no exit code.
 
 Run ``portable-lora --help`` or see docs/CLI.md.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Sequence
+import traceback
+from typing import Any, Callable, Mapping, Sequence
 
 from ._version import __version__
 from .core import RULES
@@ -69,7 +71,8 @@ def _add_load(p: argparse.ArgumentParser, *, format_flag: str = "--format") -> N
     p.add_argument(format_flag, dest="format", choices=list(FORMATS), metavar="FORMAT",
                    help=f"the adapter's format (default: detected); one of {', '.join(FORMATS)}")
     p.add_argument("--convention", choices=RULES, metavar="RULE",
-                   help=f"what the file's alpha means where the file cannot say: {', '.join(RULES)}")
+                   help=f"what the file's alpha means ({', '.join(RULES)}): needed where the file "
+                        "cannot say; overrides a rule the file states")
     p.add_argument("--load-option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="an option for the format's loader (VALUE as JSON where it parses); repeatable")
 
@@ -242,9 +245,26 @@ def _modules_from(path: str | None) -> list[str] | None:
         return ckpt.module_names()
 
 
+def _check_load_options(path: Any, format: str | None, options: Mapping[str, Any]) -> None:
+    """Refuse --load-option names the adapter's reader does not take, listing those it does
+    (the format detected when --format is not given; detection errors are left to the command)."""
+    if not options or path is None:
+        return
+    from .formats import detect
+    from .ops._util import check_format_options
+
+    if format is None:
+        try:
+            format, _ = detect(path)
+        except LoraError:
+            return  # the command reports it, as it would without options
+    check_format_options(format, "load", options, file=path)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from . import ops
 
+    _check_load_options(args.path, args.format, dict(args.load_option))
     report = ops.inspect(args.path, format=args.format, convention=args.convention, base=args.base,
                          options=dict(args.load_option))
     _emit(args, report, lambda: report.table(verbose=args.verbose))
@@ -253,7 +273,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from . import ops
+    from .ops._util import check_format_options
 
+    check_format_options(args.to, "save", dict(args.save_option), file=args.dst)
+    _check_load_options(args.src, args.format, dict(args.load_option))
     report = ops.convert(args.src, args.dst, to=args.to, from_format=args.format, convention=args.convention,
                          modules_from=args.modules_from, force=args.force, check=args.verify,
                          load_options=dict(args.load_option), save_options=dict(args.save_option),
@@ -265,6 +288,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from . import ops
 
+    _check_load_options(args.adapter, args.format, dict(args.load_option))
     report = ops.merge(args.base, args.adapter, args.out, strength=args.strength, dtype=args.dtype,
                        unmerge=args.unmerge, format=args.format, convention=args.convention,
                        allow_nonfinite=args.allow_nonfinite, force=args.force, progress=_progress(args),
@@ -286,6 +310,7 @@ def _extract(args: argparse.Namespace) -> int:
 def _resize(args: argparse.Namespace) -> int:
     from . import ops
 
+    _check_load_options(args.adapter, args.format, dict(args.load_option))
     report = ops.resize(args.adapter, args.out, rank=args.rank, to=args.to, format=args.format,
                         convention=args.convention, force=args.force, options=dict(args.load_option),
                         save_options=dict(args.save_option))
@@ -310,6 +335,7 @@ def _split(text: str | None) -> list[str] | None:
 def _check(args: argparse.Namespace) -> int:
     from . import ops
 
+    _check_load_options(args.adapter, args.format, dict(args.load_option))
     report = ops.check(args.adapter, dtypes=_split(args.dtypes) or [], backends=_split(args.backends),
                        base=args.base, format=args.format, convention=args.convention,
                        options=dict(args.load_option))
@@ -327,38 +353,69 @@ def _demo(args: argparse.Namespace) -> int:
 
 # -- entry point ------------------------------------------------------------------------------
 
+# a LoraError key that is a command-line value: its option
+_OPTION_OF_KEY = {"strength": "--strength", "threads": "--threads", "dtype": "--dtype", "dtypes": "--dtypes",
+                  "backends": "--backends", "modules": "--modules", "rank": "--rank", "atol": "--atol",
+                  "rtol": "--rtol", "convention": "--convention"}
+# the adapter file a command reads (verify reads two, extract checkpoints: none to assume)
+_INPUT_OF_COMMAND = {"inspect": "path", "convert": "src", "merge": "adapter", "resize": "adapter",
+                     "check": "adapter"}
+
+
+def _where(exc: LoraError, args: argparse.Namespace) -> str:
+    """The one-line message of ``exc``, located: an error that names no file is about a
+    command-line value (``--strength: ...``) or else about the command's adapter file."""
+    if exc.file is not None:
+        return str(exc)
+    option = _OPTION_OF_KEY.get(exc.key or "")
+    if option is not None and getattr(args, exc.key, None) is not None:
+        return f"{option}: {exc.detail}"
+    source = getattr(args, _INPUT_OF_COMMAND.get(args.command, ""), None)
+    if source is not None:
+        return str(exc.with_file(source))
+    return str(exc)
+
+
 def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    ``--debug`` prints the traceback of an error before its one-line message; the exit code
+    is the same as without it.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+    def debug() -> None:
+        if args.debug:
+            traceback.print_exc(file=sys.stderr)
+
     try:
         with durable_writes(True if args.durable else None):
             return args.run(args)
     except LoraError as exc:
-        if args.debug:
-            raise
-        _error(" ".join(str(exc).split("\n")))
+        debug()
+        _error(" ".join(_where(exc, args).split("\n")))
         return EXIT_USAGE
     except OSError as exc:
-        if args.debug:
-            raise
+        debug()
         where = f"{exc.filename}: " if exc.filename else ""
         _error(f"{where}{exc.strerror or exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
+        debug()
         _error("interrupted")
         return 130
     except Exception as exc:  # a bug: say so on one line; --debug shows where
-        if args.debug:
-            raise
-        _error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        debug()
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        _error(f"internal error: {type(exc).__name__}: {exc}{hint}")
         return EXIT_INTERNAL
 
 

@@ -18,6 +18,7 @@ out of each; the test suite uses the same table.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -123,6 +124,15 @@ def relative_error(actual: Any, expected: np.ndarray) -> float:
         return 0.0
     scale = max(float(np.max(np.abs(expected))), 1e-30)
     return float(np.max(np.abs(actual - expected))) / scale
+
+
+def _is_worse(a: float, b: float) -> bool:
+    """``a > b``, with NaN (a non-finite result) worse than any number."""
+    return (math.isnan(a) and not math.isnan(b)) or a > b
+
+
+def _worse(a: float, b: float) -> float:
+    return a if _is_worse(a, b) else b
 
 
 @dataclass
@@ -248,9 +258,9 @@ def check_equivalence(adapter: Adapter, weights: Mapping[str, np.ndarray] | None
                 merged, forward = _run(ns, dtype, m, r_weights[name], r_inputs.get(name))
                 em = relative_error(ns.back(merged), ref[name][0])
                 ef = 0.0 if forward is None else relative_error(ns.back(forward), ref[name][1])
-                if max(em, ef) > max(worst_m, worst_f):
+                if _is_worse(_worse(em, ef), _worse(worst_m, worst_f)):
                     worst_name = name
-                worst_m, worst_f = max(worst_m, em), max(worst_f, ef)
+                worst_m, worst_f = _worse(worst_m, em), _worse(worst_f, ef)
             report.rows.append(EquivalenceRow(bname, dtype, worst_f, worst_m, tol, worst_name))
     return report
 

@@ -4,6 +4,8 @@ Every format module defines:
 
 * ``NAME``: the format's name (``peft``, ``mlx-lm``, ...);
 * ``LAYOUT``: ``"file"`` (one .safetensors) or ``"directory"`` (weights and a JSON config);
+  a directory format also defines ``REPLACEABLE``, the files its ``save`` may replace in an
+  existing directory;
 * ``detect(path) -> str | None``: why ``path`` looks like this format, or None;
 * ``load(path, *, convention=None, **options) -> Adapter``;
 * ``save(adapter, path, **options) -> None`` (atomic; see :mod:`portable_lora.io.atomic`).
@@ -113,7 +115,8 @@ def load(path: str | os.PathLike, format: str | None = None, convention: str | N
 
     ``format`` defaults to detection; the choice and its reason are kept in
     ``adapter.provenance``. ``convention`` (``raw``, ``alpha/rank``, ``alpha/sqrt(rank)``)
-    says what a file's alpha meant where the file cannot say it itself.
+    says what a file's alpha means: needed where the file cannot say it itself, an override
+    (recorded as given by the user) where it does; the portable format refuses it.
     """
     p = Path(path)
     if convention is not None and convention not in RULES:

@@ -200,12 +200,15 @@ def _restore_exact(adapter: Adapter, written: Any, names: Iterable[str]) -> None
         if not isinstance(entry, dict) or name not in adapter:
             continue
         alpha, rule = entry.get("alpha"), entry.get("rule")
-        if (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
-                and alpha > 0 and rule in core.RULES):
+        try:  # a hand-edited header may hold anything: only a plain positive finite α is taken
+            alpha = float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
+        except OverflowError:
+            alpha = None
+        if alpha is not None and math.isfinite(alpha) and alpha > 0 and rule in core.RULES:
             m = adapter[name]
             exact = core.effective_scale(float(alpha), m.rank, rule)
             if math.isclose(exact, m.scale, rel_tol=2 ** -23, abs_tol=0.0):
-                m.alpha, m.rule = float(alpha), rule
+                m.alpha, m.rule = alpha, rule
 
 
 def _most_common(values: Iterable[Any]) -> Any:

@@ -247,7 +247,10 @@ def lycoris_to_lora(path: str | Path, rank: int, modules: Any = None, *, modules
             raise LoraError(f"ΔW has {delta.ndim} dimensions; LoRA covers 2-D (linear) and 4-D (conv) "
                             "weights", file=p, key=name)
         kind = "conv" if delta.ndim == 4 else "linear"
-        factors = core.low_rank(delta, rank)
+        try:
+            factors = core.low_rank(delta, rank, name=name)
+        except LoraError as exc:  # NaN/inf in the file's factors: the core names the module
+            raise exc.with_file(p) from None
         A, B = np.asarray(factors.A).astype(dtype), np.asarray(factors.B).astype(dtype)
         module = LoraModule(A, B, alpha=float(rank), rule=core.ALPHA_OVER_RANK, kind=kind)
         approx = np.asarray(core.delta_weight(A, B, 1.0, kind, dtype=np.float64))

@@ -46,12 +46,13 @@ from ..io.safetensors_io import LazyTensor, SafetensorsFile, write_safetensors
 from ._common import (carried_provenance, check_replaceable, convention_provenance, module_from, read_json, read_tensors,
                       require, to_uniform, transposed)
 
-__all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "ENTRY", "EMBEDDING_NAMES", "detect", "load", "save"]
+__all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "REPLACEABLE", "ENTRY", "EMBEDDING_NAMES", "detect", "load", "save"]
 
 NAME = "mlx-lm"
 LAYOUT = "directory"  # weights and a JSON config side by side
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
+REPLACEABLE = {CONFIG_NAME, WEIGHTS_NAME}  # what save may replace in an existing directory
 ENTRY = "portable_lora"  # our own entry in adapter_config.json (both mlx tools ignore it)
 ENTRY_VERSION = 1
 EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "embedding")

@@ -32,10 +32,10 @@ from .. import core
 from ..adapter import Adapter
 from ..errors import LoraError
 from ._common import convention_provenance, module_from, read_json, require, transposed
-from .mlx_lm import (CONFIG_NAME, VLM_TOP_LEVEL, find_files, flavour, load_layout, read_mlx_tensors,
+from .mlx_lm import (CONFIG_NAME, REPLACEABLE, VLM_TOP_LEVEL, find_files, flavour, load_layout, read_mlx_tensors,
                      save_layout, sniff)
 
-__all__ = ["NAME", "WEIGHTS_NAMES", "LEGACY_DEFAULT_ALPHA", "detect", "load", "save"]
+__all__ = ["NAME", "WEIGHTS_NAMES", "REPLACEABLE", "LEGACY_DEFAULT_ALPHA", "detect", "load", "save"]
 
 NAME = "mlx-vlm"
 LAYOUT = "directory"  # weights and a JSON config side by side

@@ -52,7 +52,7 @@ from ..io.safetensors_io import write_safetensors
 from ._common import (PROVENANCE_KEY, carried_provenance, check_replaceable, parse_json, convention_provenance, module_from, pattern_key,
                       read_json, read_tensors, require)
 
-__all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "detect", "load", "save", "pattern_key"]
+__all__ = ["NAME", "CONFIG_NAME", "WEIGHTS_NAME", "REPLACEABLE", "PREFIX", "detect", "load", "save", "pattern_key"]
 
 NAME = "peft"
 LAYOUT = "directory"  # weights and a JSON config side by side
@@ -61,7 +61,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # not "portable_lora": that header entry marks a file of the portable format itself
 METADATA_KEY = PROVENANCE_KEY
-_REPLACEABLE = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+REPLACEABLE = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}  # what save may replace in an existing directory
 
 # <module>.<part>[.<adapter name>][.weight|.bias]: PEFT strips the adapter name on save, some
 # tools (DiffSynth, hand-made exports) keep "default".
@@ -370,7 +370,7 @@ def save(adapter: Adapter, path: Path, *, fan_in_fan_out: bool | None = None,
     if path.suffix == ".safetensors":
         raise LoraError("a PEFT adapter is a directory (adapter_model.safetensors and "
                         "adapter_config.json); give the directory's path", file=path)
-    check_replaceable(path, _REPLACEABLE, fmt=NAME)
+    check_replaceable(path, REPLACEABLE, fmt=NAME)
     dora = {m.is_dora for m in adapter.values()}
     if len(dora) > 1:
         mixed = [n for n, m in adapter.items() if not m.is_dora][:5]

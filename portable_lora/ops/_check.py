@@ -18,6 +18,7 @@ from .. import examples
 from ..adapter import Adapter
 from ..errors import LoraError
 from ..testing import BACKENDS, TOLERANCE, EquivalenceReport, check_equivalence
+from ..validation import check_finite
 from ._checkpoint import Checkpoint, match_modules
 from ._merge import base_layouts, base_shape
 from ._util import collect_warnings, load_adapter, source_name
@@ -111,6 +112,7 @@ def check(adapter: Any = None, *, dtypes: Sequence[str] = ("float32", "bfloat16"
                                        modules=modules), source_name(adapter)
         if not len(lora):
             raise LoraError("the adapter has no modules", file=label)
+        check_finite(lora, file=label)  # NaN compares unequal to itself: no agreement to check
         weights = _base_weights(lora, base) if base is not None else None
         report = check_equivalence(lora, weights, backends=names, dtypes=tuple(dtypes))
     return CheckReport(label, len(lora), report, seen)

@@ -9,6 +9,12 @@
    adapter renamed, as a user would, and renamed back when read.
 4. Read every conversion back and verify ΔW module by module against the original.
 5. Check the adapter on every installed backend (forward and merge vs float64 NumPy).
+
+With ``out``, an existing directory is reused: the demo replaces its own outputs there
+(``base/``, ``adapter-source-peft/``, ``adapter-<format>/`` or ``adapter-<format>.safetensors``)
+and leaves every other file alone. A name it writes that is taken by something else (a file
+where it writes a directory, a directory holding other files, a directory where it writes a
+file) stops it before anything is written.
 """
 
 from __future__ import annotations
@@ -72,6 +78,10 @@ def demo_base(adapter: Adapter, layers: int = 2, hidden: int = 64, vocab: int = 
     return dict(sorted(weights.items()))
 
 
+def _shard_name(i: int, shards: int) -> str:
+    return f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+
+
 def write_sharded_checkpoint(directory: Path, weights: dict[str, np.ndarray], shards: int = 2) -> None:
     """A transformers-style checkpoint: ``model-0000i-of-0000n.safetensors``, the index, a config."""
     directory.mkdir(exist_ok=True)
@@ -79,7 +89,7 @@ def write_sharded_checkpoint(directory: Path, weights: dict[str, np.ndarray], sh
     per = -(-len(names) // shards)
     weight_map: dict[str, str] = {}
     for i in range(shards):
-        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        shard = _shard_name(i, shards)
         part = names[i * per:(i + 1) * per]
         write_safetensors(directory / shard, {n: weights[n] for n in part}, {"format": "pt"})
         weight_map.update({n: shard for n in part})
@@ -136,6 +146,48 @@ class DemoReport:
                      f"backends {'agree' if self.check.ok else 'DISAGREE'}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+_BASE_SHARDS = 2
+_SOURCE_DIR, _SOURCE_FILE = "adapter-source-peft", "adapter-source.safetensors"
+
+
+def _occupied(path: Path, what: str, detail: str) -> LoraError:
+    return LoraError(f"{detail}; the demo writes {what} there and replaces only its own outputs: "
+                     "move it, or choose another --out directory", file=path)
+
+
+def _check_directory(path: Path, what: str, own: set[str]) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise _occupied(path, f"{what} (a directory)", "exists and is not a directory")
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in own)
+        if others:
+            raise _occupied(path, what, f"the directory holds other files {others[:8]}")
+
+
+def check_demo_targets(root: Path) -> None:
+    """Refuse, before anything is written, a name in ``root`` the demo writes that something
+    else occupies (see the module docstring)."""
+    own_base = {_shard_name(i, _BASE_SHARDS) for i in range(_BASE_SHARDS)} | {INDEX_NAME, "config.json"}
+    _check_directory(root / "base", "its base checkpoint", own_base)
+    targets = [(root / _SOURCE_DIR, "peft", "the source adapter"),
+               (root / _SOURCE_FILE, "portable", "the source adapter")]
+    for fmt in formats.FORMATS:
+        try:
+            targets.append((_target(root, fmt), fmt, f"its {fmt} adapter"))
+        except ModuleNotFoundError:  # reported as skipped by the run itself
+            continue
+    for path, fmt, what in targets:
+        try:
+            module = formats.get_format(fmt)
+        except ModuleNotFoundError:
+            continue
+        if module.LAYOUT == "directory":
+            _check_directory(path, what, module.REPLACEABLE)
+        elif path.is_dir() or path.is_symlink():
+            raise _occupied(path, f"{what} (one .safetensors file)",
+                            "is a directory" if path.is_dir() else "is a symbolic link")
 
 
 def _target(out: Path, fmt: str) -> Path:
@@ -195,7 +247,8 @@ def _convert_and_verify(adapter: Adapter, fmt: str, out: Path, modules: list[str
 
 
 def demo(out: str | os.PathLike | None = None, *, backends: Iterable[str] | None = None) -> DemoReport:
-    """Run the demo; files go to ``out`` (created if needed) or to a deleted temporary directory.
+    """Run the demo; files go to ``out`` (created if needed; an existing directory is reused,
+    see the module docstring) or to a deleted temporary directory.
 
     >>> demo().ok  # doctest: +SKIP
     True
@@ -207,20 +260,21 @@ def demo(out: str | os.PathLike | None = None, *, backends: Iterable[str] | None
         if keep:
             if root.exists() and not root.is_dir():
                 raise LoraError("exists and is not a directory", file=root)
+            check_demo_targets(root)
             root.mkdir(parents=True, exist_ok=True)
         with collect_warnings(seen):
             adapter = demo_adapter()
             base_path = root / "base"
             weights = demo_base(adapter)
-            write_sharded_checkpoint(base_path, weights, shards=2)
+            write_sharded_checkpoint(base_path, weights, shards=_BASE_SHARDS)
             modules = [k[: -len(".weight")] for k in weights if k.endswith(".weight")]
             try:
                 source_format = "peft"
-                source = root / "adapter-source-peft"
+                source = root / _SOURCE_DIR
                 formats.save(adapter, source, format="peft")
             except ModuleNotFoundError:  # the PEFT format module is not installed: start portable
                 source_format = "portable"
-                source = root / "adapter-source.safetensors"
+                source = root / _SOURCE_FILE
                 formats.save(adapter, source, format="portable")
             inspection = inspect(source, base=base_path)
             original = load_adapter(source)

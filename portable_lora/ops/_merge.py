@@ -42,7 +42,7 @@ from ..io.safetensors_io import LazyTensor, write_safetensors
 from ..validation import check_finite
 from ._checkpoint import MODULE_PREFIXES, Checkpoint, match_modules
 from ._util import (check_output, collect_warnings, human_bytes, load_adapter, parse_dtype,
-                    progress_bar, same_path, source_name)
+                    progress_bar, holds, same_path, source_name)
 
 __all__ = ["merge", "MergeReport", "merge_tensor", "merge_blocks", "MERGE_METADATA_KEY", "fan_in_fan_out", "base_layouts", "base_shape"]
 
@@ -472,8 +472,13 @@ def merge(base: str | os.PathLike, adapter: Any, out: str | os.PathLike, *, stre
     out_dtype = parse_dtype(dtype)
     threads = _threads(threads)
     out_path = check_output(out, force)
-    if same_path(out_path, base):
-        raise LoraError("the output would replace the base being read; choose another path", file=out_path)
+    inputs = [("base", base)] + ([("adapter", adapter)] if isinstance(adapter, (str, os.PathLike)) else [])
+    for role, path in inputs:
+        if same_path(out_path, path):
+            raise LoraError(f"the output would replace the {role} being read; choose another path", file=out_path)
+        if holds(out_path, path):
+            raise LoraError(f"the output is a directory holding the {role} being read ({path}): "
+                            "replacing it would delete it; choose another path", file=out_path)
     seen: list[str] = []
     with collect_warnings(seen), Checkpoint(base) as ckpt, durable_writes(durable), _blas_threads(threads):
         src = source_name(adapter)

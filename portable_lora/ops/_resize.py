@@ -18,7 +18,7 @@ import numpy as np
 from .. import core, formats
 from ..adapter import Adapter, LoraModule
 from ..errors import LoraError
-from ._util import (check_output, collect_warnings, fmt_err, fmt_pct, format_table, human_bytes,
+from ._util import (check_output, check_save_target, collect_warnings, fmt_err, fmt_pct, format_table, human_bytes,
                     load_adapter, path_bytes, source_name)
 
 __all__ = ["resize", "resize_adapter", "ResizeReport"]
@@ -67,8 +67,9 @@ def resize_adapter(adapter: Adapter, rank: int) -> tuple[Adapter, list[dict[str,
                          "relative_error": 0.0, "status": "kept"})
             continue
         acc = np.float64 if m.A.dtype == np.float64 else np.float32
-        # the effective scale goes into B before the SVD, so the new factors carry it (s = 1)
-        lr = core.resize_rank(m.A.astype(acc), m.B.astype(acc) * acc(m.scale), rank)
+        # the effective scale goes into B before the SVD, so the new factors carry it (s = 1);
+        # NaN/inf in a factor is refused there, naming <module>.lora_A or .lora_B
+        lr = core.resize_rank(m.A.astype(acc), m.B.astype(acc) * acc(m.scale), rank, name=name)
         new = LoraModule(np.asarray(lr.A).astype(m.A.dtype), np.asarray(lr.B).astype(m.B.dtype),
                          alpha=float(rank), rule=core.ALPHA_OVER_RANK, kind=m.kind,
                          magnitude=None if m.magnitude is None else m.magnitude.copy())
@@ -88,22 +89,32 @@ def resize(adapter: Any, out: str | os.PathLike, *, rank: int, to: str | None = 
            save_options: Mapping[str, Any] | None = None) -> ResizeReport:
     """Resize ``adapter`` (a path in any format, or an Adapter) to ``rank`` and save it.
 
-    ``to`` defaults to the source's format (``portable`` for an in-memory adapter).
+    ``to`` defaults to the source's format (``portable`` for an in-memory adapter). The output
+    (path, layout, ``save_options`` names) is checked before any SVD; a factor with NaN or
+    infinity is an error naming it (``<module>.lora_A``).
 
     >>> resize("adapter_peft", "small_peft", rank=4).to_json()["max_relative_error"]  # doctest: +SKIP
     """
     core.check_rank(rank)
+    if to is not None:  # a given format is checked before the adapter is even read
+        check_save_target(out, to, force=force, options=save_options)
     out_path = check_output(out, force)
+    src = source_name(adapter)
     seen: list[str] = []
     with collect_warnings(seen):
         lora = load_adapter(adapter, format=format, convention=convention, options=options)
         if not len(lora):
-            raise LoraError("the adapter has no modules", file=source_name(adapter))
+            raise LoraError("the adapter has no modules", file=src)
         target = to or lora.provenance.get("source_format")
         if target not in formats.FORMATS:
             target = "portable"
-        formats.get_format(target)
-        resized, rows = resize_adapter(lora, rank)
+        out_path = check_save_target(out, target, force=force, options=save_options)
+        try:
+            resized, rows = resize_adapter(lora, rank)
+        except LoraError as exc:  # the core names the tensor; the file is known here
+            if exc.file is not None:
+                raise
+            raise exc.with_file(src) from exc
         formats.save(resized, out_path, format=target, overwrite=force, **dict(save_options or {}))
     return ResizeReport(src=source_name(adapter), out=str(out_path), format=target, rank=rank, rows=rows,
                         bytes=path_bytes(out_path), warnings=seen)

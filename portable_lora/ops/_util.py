@@ -19,9 +19,11 @@ import numpy as np
 from .. import formats
 from ..adapter import Adapter
 from ..errors import LoraError
+from ..formats._common import check_replaceable
 
 __all__ = ["load_adapter", "check_output", "collect_warnings", "progress_bar", "jsonable",
-           "format_table", "parse_dtype", "path_bytes", "fmt_err", "fmt_pct", "DTYPE_NAMES"]
+           "format_table", "parse_dtype", "path_bytes", "fmt_err", "fmt_pct", "DTYPE_NAMES",
+           "check_save_target", "check_format_options", "format_options"]
 
 DTYPE_NAMES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -44,11 +46,7 @@ def parse_dtype(name: str | None, *, field: str = "dtype") -> np.dtype | None:
 
 def _loader_accepts(format_name: str, option: str) -> bool:
     """Whether the format's ``load`` names ``option`` as a parameter (so a hint may be passed)."""
-    try:
-        params = _pyinspect.signature(formats.get_format(format_name).load).parameters
-    except (TypeError, ValueError):
-        return False
-    return option in params
+    return option in (format_options(format_name, "load") or ())
 
 
 def load_adapter(source: Any, *, format: str | None = None, convention: str | None = None,
@@ -94,6 +92,14 @@ def check_output(path: str | os.PathLike, force: bool) -> Path:
 def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def holds(directory: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``directory`` is a directory above ``path`` (replacing it would delete ``path``)."""
+    try:
+        return Path(directory).resolve() in Path(path).resolve().parents
     except OSError:
         return False
 
@@ -241,3 +247,57 @@ def human_bytes(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+# -- what can be checked about an output before the work that produces it ----------------------
+
+def format_options(fmt: str, kind: str) -> list[str] | None:
+    """The option names format ``fmt``'s ``save`` (``kind="save"``) or ``load`` takes: its
+    keyword-only parameters (``convention`` excluded, it is an argument of its own). None when
+    the function cannot be introspected."""
+    function = getattr(formats.get_format(fmt), kind)
+    try:
+        params = _pyinspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "convention"]
+
+
+def check_format_options(fmt: str, kind: str, options: Iterable[str] | None, *,
+                         file: str | os.PathLike | None = None) -> None:
+    """Refuse option names that format ``fmt``'s writer (``kind="save"``) or reader
+    (``kind="load"``) does not take, listing those it does."""
+    given = list(options or ())
+    if not given:
+        return
+    known = format_options(fmt, kind)
+    if known is None:  # not introspectable: the format itself judges
+        return
+    unknown = sorted(k for k in given if k not in known)
+    if "convention" in unknown and kind == "load":
+        raise LoraError("'convention' is not a loader option: pass convention= (--convention on the "
+                        "command line)", file=file, key="convention")
+    if unknown:
+        role = "writer" if kind == "save" else "reader"
+        takes = f"it takes {', '.join(known)}" if known else "it takes none"
+        raise LoraError(f"unknown options for the {fmt} format's {role}: {unknown}; {takes}", file=file)
+
+
+def check_save_target(out: str | os.PathLike, fmt: str, *, force: bool,
+                      options: Mapping[str, Any] | None = None) -> Path:
+    """What can be known about writing format ``fmt`` at ``out`` before the adapter exists,
+    checked so that a long computation does not end in a refusal: the format, the output
+    (:func:`check_output`), its layout (a directory format needs a directory path, a file
+    format a file path) and the writer's option names. Returns the path."""
+    module = formats.get_format(fmt)
+    p = formats.check_destination(check_output(out, force), fmt)
+    layout = getattr(module, "LAYOUT", None)
+    if layout == "directory":
+        if p.suffix == ".safetensors":
+            raise LoraError(f"a {fmt} adapter is a directory (weights and a JSON config), not one "
+                            ".safetensors file; give the directory's path", file=p)
+        check_replaceable(p, module.REPLACEABLE, fmt=fmt)
+    elif layout == "file" and p.is_dir() and not p.is_symlink():
+        raise LoraError(f"is a directory; a {fmt} adapter is one .safetensors file", file=p)
+    check_format_options(fmt, "save", (options or {}).keys(), file=p)
+    return p

@@ -8,17 +8,21 @@ so the tolerance is relative to the module's largest change, not elementwise. Wi
 ``rtol`` given it is picked from the lower-precision factor dtype of the two modules
 (:data:`AUTO_RTOL`): a conversion that folds a scale into a factor rounds each entry once, an
 error of at most half an ulp of the factor dtype per entry. ``atol`` defaults to 0. DoRA
-magnitudes are compared the same way.
+magnitudes are compared the same way. ``atol`` and ``rtol`` must be finite and >= 0. A ΔW
+(or magnitude) holding NaN or infinity never matches: its row has the status ``not finite``
+and a NaN relative error.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
 from ..adapter import Adapter, LoraModule
+from ..errors import LoraError
 from ._util import collect_warnings, fmt_err, format_table, load_adapter, source_name
 
 __all__ = ["verify", "VerifyReport", "AUTO_RTOL", "compare_modules"]
@@ -39,15 +43,41 @@ def _auto_rtol(*modules: LoraModule) -> tuple[float, str]:
     return worst, worst_name
 
 
+def check_tolerance(value: Any, name: str) -> float | None:
+    """``value`` as a float that is finite and >= 0 (None passes: the default applies)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LoraError(f"{name} must be a number, found {value!r}", key=name) from None
+    if not math.isfinite(number) or number < 0:
+        raise LoraError(f"{name} must be a finite number >= 0, found {value!r}", key=name)
+    return number
+
+
+def _nonfinite_sides(x: np.ndarray, y: np.ndarray) -> list[str]:
+    return [side for side, v in (("A", x), ("B", y)) if v.size and not np.isfinite(v).all()]
+
+
 def _compare(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(max abs difference, reference magnitude) in float64."""
+    """(max abs difference, reference magnitude) in float64; NaN for both when either side
+    holds NaN or infinity (no tolerance can judge those)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.size == 0:
         return 0.0, 0.0
+    if _nonfinite_sides(x, y):
+        return math.nan, math.nan
     err = float(np.max(np.abs(x - y)))
     ref = max(float(np.max(np.abs(x))), float(np.max(np.abs(y))))
     return err, ref
+
+
+def _relative(err: float, ref: float) -> float:
+    if math.isnan(err) or math.isnan(ref):
+        return math.nan
+    return err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
 
 
 def compare_modules(name: str, a: LoraModule | None, b: LoraModule | None, *,
@@ -59,26 +89,34 @@ def compare_modules(name: str, a: LoraModule | None, b: LoraModule | None, *,
     if a is None or b is None:
         row["status"] = "only in A" if b is None else "only in B"
         return row
+    rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
     auto, dtype = _auto_rtol(a, b)
-    rt = auto if rtol is None else float(rtol)
-    at = 0.0 if atol is None else float(atol)
+    rt = auto if rtol is None else rtol
+    at = 0.0 if atol is None else atol
     row.update(rtol=rt, atol=at, dtype=dtype)
     if tuple(a.weight_shape) != tuple(b.weight_shape):
         row["status"] = f"shape {list(a.weight_shape)} vs {list(b.weight_shape)}"
         return row
-    da = a.delta_weight(np.float64)
-    db = b.delta_weight(np.float64)
+    with np.errstate(all="ignore"):  # NaN/inf are reported in the row, not warned about
+        da = np.asarray(a.delta_weight(np.float64))
+        db = np.asarray(b.delta_weight(np.float64))
+    bad = _nonfinite_sides(da, db)
     err, ref = _compare(da, db)
-    row.update(max_abs_error=err, max_abs=ref, relative_error=err / ref if ref > 0 else 0.0)
-    ok = err <= at + rt * ref
+    row.update(max_abs_error=err, max_abs=ref, relative_error=_relative(err, ref))
+    ok = not bad and err <= at + rt * ref
     if a.is_dora != b.is_dora:
         row["status"] = "DoRA on one side only"
         return row
     if a.is_dora:
-        merr, mref = _compare(a.magnitude, b.magnitude)
-        row["magnitude_error"] = merr / mref if mref > 0 else merr
-        ok = ok and merr <= at + rt * mref
-    if not ok:
+        ma = np.asarray(a.magnitude, dtype=np.float64)
+        mb = np.asarray(b.magnitude, dtype=np.float64)
+        bad += [side for side in _nonfinite_sides(ma, mb) if side not in bad]
+        merr, mref = _compare(ma, mb)
+        row["magnitude_error"] = merr / mref if mref > 0 else merr  # NaN stays NaN
+        ok = ok and not bad and merr <= at + rt * mref
+    if bad:
+        row["status"] = f"not finite (NaN/inf in {' and '.join(sorted(bad))})"
+    elif not ok:
         row["status"] = "differs"
     return row
 
@@ -102,7 +140,10 @@ class VerifyReport:
 
     @property
     def max_relative_error(self) -> float | None:
+        """The largest relative error; NaN when a module's ΔW is not finite."""
         errs = [r["relative_error"] for r in self.rows if r["relative_error"] is not None]
+        if any(math.isnan(e) for e in errs):
+            return math.nan
         return max(errs) if errs else None
 
     def differing(self) -> list[dict[str, Any]]:
@@ -147,6 +188,7 @@ def verify(a: Any, b: Any, *, atol: float | None = None, rtol: float | None = No
     >>> verify("adapter_peft", "adapter.safetensors").ok  # doctest: +SKIP
     True
     """
+    atol, rtol = check_tolerance(atol, "atol"), check_tolerance(rtol, "rtol")
     seen: list[str] = []
     with collect_warnings(seen):
         left = load_adapter(a, format=format_a, convention=convention_a, options=options_a, modules=modules)
