@@ -599,3 +599,27 @@ def test_merge_overflow_is_refused_or_written_with_a_warning(tmp_path):
         report = ops.merge(base, adapter, out, dtype="float16", allow_nonfinite=True)
     assert any(f"{Q}.weight" in w and "non-finite" in w for w in report.warnings), report.warnings
     assert not any(DOWN in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("base_dtype, dtype", [(np.float32, "float16"), (np.float64, "float32"), (np.float64, "bfloat16")])
+def test_a_cast_that_overflows_is_refused_in_untouched_and_merged_tensors(tmp_path, base_dtype, dtype):
+    """--dtype narrows every float tensor: one that no module patches is checked too."""
+    from portable_lora import ops
+    adapter = valid_adapter()
+    weights = {f"{name}.weight": w.astype(base_dtype) for name, w in pl.examples.random_weights(adapter).items()}
+    big = float(ml_dtypes.finfo(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)).max) * 4
+    weights["other.bias"] = np.array([big, 1.0], base_dtype)  # patched by no module
+    base = tmp_path / "base.safetensors"
+    write_safetensors(base, weights)
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(LoraError, match="turns 1 finite values to ±inf") as info:
+        ops.merge(base, adapter, out, dtype=dtype)
+    assert info.value.key == "other.bias" and info.value.file == str(base) and not out.exists()
+    report = ops.merge(base, adapter, out, dtype=dtype, allow_nonfinite=True)
+    assert any("other.bias" in w for w in report.warnings)
+    weights["other.bias"] = np.array([1.0, 1.0], base_dtype)  # now only the merged tensor overflows
+    weights[f"{Q}.weight"][0, 0] = big
+    write_safetensors(base, weights)
+    with pytest.raises(LoraError, match="non-finite") as info:
+        ops.merge(base, adapter, tmp_path / "m2.safetensors", dtype=dtype)
+    assert info.value.key == f"{Q}.weight"

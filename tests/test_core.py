@@ -213,3 +213,37 @@ def test_pad_rank_keeps_delta(backend, dtype):
     assert not np.any(backend.back(a)[3:]) and not np.any(backend.back(b)[:, 3:])
     assert_close(backend.back(core.delta_weight(a, b, 1.0)),
                  backend.back(core.delta_weight(backend.to(A, dtype), backend.to(B, dtype), 1.0)), dtype)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_float16_lora_term_does_not_overflow_where_the_result_fits(backend, fused):
+    """x @ Aᵀ = 20000 fits float16 (max 65504), ·4 would not; the true output, 800, does."""
+    xp = backend.xp
+    if getattr(xp, "float16", None) is None:
+        pytest.skip(f"{backend.name} has no float16 (not in the array API standard)")
+
+    def half(a):
+        return xp.astype(backend.to(a, "float32"), xp.float16)
+
+    x, A, B, W = np.full((2, 100), 10.0), np.full((1, 100), 20.0), np.full((3, 1), 0.01), np.zeros((3, 100))
+    expected = x @ W.T + 4.0 * (x @ A.T) @ B.T
+    got = core.linear_forward(half(x), half(W), half(A), half(B), 4.0, fused=fused)
+    np.testing.assert_allclose(backend.back(got), expected, rtol=2e-3)
+    np.testing.assert_allclose(backend.back(core.lora_output(half(x), half(A), half(B), 4.0)), expected, rtol=2e-3)
+    ids = backend.asarray_int(np.array([0, 1]))
+    table = half(np.full((1, 2), 20000.0))  # embedding A (r, vocab): rows of 20000
+    got = core.embedding_lora_output(ids, table, half(B), 4.0)
+    np.testing.assert_allclose(backend.back(got), np.full((2, 3), 800.0), rtol=2e-3)
+
+
+def test_pad_rank_and_low_rank_keep_the_factors_device():
+    """The padding zeros are made where the factors live (array_api_strict's second device)."""
+    xp = pytest.importorskip("array_api_strict")
+    device = xp.Device("device1")
+    A, B = (xp.asarray(np.asarray(f), device=device) for f in FACTORS["linear"](4))
+    a, b = core.pad_rank(A, B, 8)
+    assert a.device == device and b.device == device and a.shape == (8, 12) and b.shape == (10, 8)
+    np.testing.assert_allclose(np.asarray(xp.asarray(b @ a, device=xp.Device("CPU_DEVICE"))),
+                               np.asarray(xp.asarray(B @ A, device=xp.Device("CPU_DEVICE"))), rtol=1e-12)
+    up = core.low_rank(B @ A, 12)  # above min(out, in) = 10: the factors are zero-padded
+    assert up.A.device == device and up.A.shape[0] == 12

@@ -185,6 +185,42 @@ def test_bad_shape(tmp_path, shape):
     _refused(tmp_path, _entry("shape", shape), key="a", match="shape")
 
 
+@pytest.mark.parametrize("shape", [[1] * 65, [0] + [1] * 64, [0, 2 ** 63], [2 ** 40, 2 ** 40, 0]],
+                         ids=["65-dims", "65-dims-empty", "empty-2**63", "empty-2**80"])
+def test_shapes_no_array_can_have_are_refused_even_when_empty(tmp_path, shape):
+    header, data = header_and_data({"x": np.zeros(0, np.float32), **TENSORS})
+    header["x"]["shape"] = shape  # zero elements: the offsets still agree
+    _refused(tmp_path, pack(header, data), key="x", match="dimensions|2\\*\\*62")
+
+
+@pytest.mark.parametrize("where", ["name", "metadata"])
+def test_unpaired_surrogates_are_refused_as_the_reference_does(tmp_path, where):
+    header, data = header_and_data(TENSORS, metadata={"k": "v"})
+    text = json.dumps(header)
+    text = text.replace('"a"', '"a\\ud800"') if where == "name" else text.replace('"v"', '"\\udc00"')
+    err = _refused(tmp_path, pack(text, data), match="surrogate")
+    assert err.key == ("a\\ud800" if where == "name" else "__metadata__")
+
+
+def test_big_endian_arrays_are_written_as_the_reference_writes_them(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    tensors = {"f": np.arange(6, dtype=">f4").reshape(2, 3), "i": np.arange(3, dtype=">i8"),
+               "h": np.array([1.5, -2.0], dtype=">f2")}
+    write_safetensors(tmp_path / "ours.safetensors", tensors)
+    safetensors_numpy.save_file(tensors, str(tmp_path / "ref.safetensors"))
+    ours, ref = read_safetensors(tmp_path / "ours.safetensors")[0], safetensors_numpy.load_file(str(tmp_path / "ref.safetensors"))
+    for k, v in tensors.items():
+        assert ours[k].dtype == v.dtype.newbyteorder("=") and np.array_equal(ours[k], v) and np.array_equal(ref[k], v)
+
+
+def test_file_range_of_an_unknown_tensor_names_it(tmp_path):
+    path = tmp_path / "ok.safetensors"
+    path.write_bytes(pack(*header_and_data(TENSORS)))
+    with SafetensorsFile(path) as f, pytest.raises(LoraError, match="no such tensor") as info:
+        f.file_range("zz")
+    assert info.value.key == "zz" and info.value.file == str(path)
+
+
 @pytest.mark.parametrize("offsets", [[0], [0, 24, 24], [-1, 23], [24, 0], [0.0, 24.0], [False, 24], "0,24"])
 def test_bad_offsets(tmp_path, offsets):
     _refused(tmp_path, _entry("data_offsets", offsets), key="a", match="data_offsets")

@@ -37,7 +37,7 @@ from typing import Any, Callable
 from . import _triton_linear
 from .namespace import namespace_family
 
-__all__ = ["stop_gradient", "add_matmul", "add_matmul_", "add_matmul_many_", "add_matmul_stacked_", "linear_lora",
+__all__ = ["stop_gradient", "add_matmul", "scaled_matmul", "add_matmul_", "add_matmul_many_", "add_matmul_stacked_", "linear_lora",
            "CAPABILITIES",
            "fused_available", "resolve"]
 
@@ -288,8 +288,23 @@ def add_matmul(xp: Any, base: Any, a: Any, b: Any, *, scale: float = 1.0, fused:
     """
     fn = _lookup("add_matmul", xp) if fused else None
     if fn is None:
-        return base + (a * scale if scale != 1.0 else a) @ b
+        return base + scaled_matmul(xp, a, b, scale)
     return fn(base, a, b, scale, overwrite)
+
+
+def scaled_matmul(xp: Any, a: Any, b: Any, scale: float) -> Any:
+    """``scale · (a @ b)``, the scale applied to ``a`` (put the smaller operand first).
+
+    In float16 (largest value 65504) ``a · scale`` could overflow where the product does not
+    (a LoRA's rank-sized intermediate ``x @ Aᵀ`` is the activations' size, its result the
+    much smaller ΔW·x): there the product is scaled instead, PEFT's order.
+    """
+    if scale == 1.0:
+        return a @ b
+    half = getattr(xp, "float16", None)  # not in the standard (array_api_strict lacks it)
+    if half is not None and a.dtype == half:
+        return (a @ b) * scale
+    return (a * scale) @ b
 
 
 def add_matmul_(xp: Any, base: Any, a: Any, b: Any, *, scale: float = 1.0, fused: bool = True) -> Any:

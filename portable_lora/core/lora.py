@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .capabilities import add_matmul, add_matmul_, add_matmul_many_, add_matmul_stacked_, linear_lora, stop_gradient
+from .capabilities import (add_matmul, add_matmul_, add_matmul_many_, add_matmul_stacked_, linear_lora, scaled_matmul,
+                           stop_gradient)
 from .namespace import array_namespace
 
 __all__ = ["KINDS", "accumulation_dtype", "delta_weight", "lora_output", "add_lora_output",
@@ -64,9 +65,10 @@ def delta_weight(A: Any, B: Any, scale: float, kind: str = "linear", *, dtype: A
 def lora_output(x: Any, A: Any, B: Any, scale: float) -> Any:
     """The unmerged LoRA term ``scale · (x @ Aᵀ) @ Bᵀ``; ΔW is never materialised.
 
-    The scale multiplies the rank-sized intermediate, the cheapest place for it.
+    The scale multiplies the rank-sized intermediate, the cheapest place for it (the product in
+    float16, where the intermediate could overflow: :func:`~.capabilities.scaled_matmul`).
     """
-    return ((x @ A.T) * float(scale)) @ B.T
+    return scaled_matmul(array_namespace(x, A), x @ A.T, B.T, float(scale))
 
 
 def add_lora_output(base_out: Any, x: Any, A: Any, B: Any, scale: float, *, fused: bool = True,
@@ -108,7 +110,7 @@ def embedding_lora_output(ids: Any, A: Any, B: Any, scale: float, *, xp: Any = N
     xp = array_namespace(A, B) if xp is None else xp
     flat = xp.reshape(ids, (-1,))
     rows = xp.take(A.T, flat, axis=0)
-    out = (rows * float(scale)) @ B.T
+    out = scaled_matmul(xp, rows, B.T, float(scale))
     return xp.reshape(out, (*tuple(ids.shape), B.shape[0]))
 
 

@@ -116,6 +116,7 @@ def pad_rank(A: Any, B: Any, rank: int) -> tuple[Any, Any]:
     if rank == r:
         return A, B
     extra = rank - r
-    a = xp.concat([A, xp.zeros((extra, *A.shape[1:]), dtype=A.dtype)], axis=0)
-    b = xp.concat([B, xp.zeros((B.shape[0], extra, *B.shape[2:]), dtype=B.dtype)], axis=1)
+    # zeros_like keeps the factors' device (xp.zeros would make them on the default one)
+    a = xp.concat([A, xp.broadcast_to(xp.zeros_like(A[:1, ...]), (extra, *A.shape[1:]))], axis=0)
+    b = xp.concat([B, xp.broadcast_to(xp.zeros_like(B[:, :1, ...]), (B.shape[0], extra, *B.shape[2:]))], axis=1)
     return a, b

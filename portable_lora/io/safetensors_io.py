@@ -67,7 +67,8 @@ _NAMES = {dt: name for name, dt in DTYPES.items()}
 def dtype_name(dtype: Any) -> str:
     """The safetensors name of a NumPy dtype (``F32``, ``BF16``, ...)."""
     try:
-        return _NAMES[np.dtype(dtype)]
+        # by its native-order twin: a big-endian array is written byte-swapped (_as_bytes)
+        return _NAMES[np.dtype(dtype).newbyteorder("=")]
     except (KeyError, TypeError):
         raise LoraError(f"dtype {dtype} cannot be stored in safetensors; expected one of "
                         f"{', '.join(str(d) for d in _NAMES)}") from None
@@ -97,6 +98,18 @@ def _no_duplicates(path: Path) -> Callable[[list[tuple[str, Any]]], dict]:
     return hook
 
 
+_MAX_DIMS = 64  # NumPy's limit on an array's dimensions
+_MAX_BYTES = 2 ** 62  # below NumPy's limit on an array's size (its zero dimensions aside)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_header(path: Path, raw: bytes, data_len: int) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     try:
         text = raw.decode("utf-8")
@@ -117,6 +130,14 @@ def _parse_header(path: Path, raw: bytes, data_len: int) -> tuple[dict[str, str]
             isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()):
         raise LoraError("__metadata__ must map strings to strings (a tensor may not be named "
                         "__metadata__)", file=path, key="__metadata__")
+    # JSON's \ud800 escapes parse, but are no UTF-8 text (which safetensors requires)
+    for name in header:
+        if not _is_utf8(name):
+            raise LoraError("the tensor name holds an unpaired UTF-16 surrogate: not UTF-8 text",
+                            file=path, key=name.encode("utf-8", "backslashreplace").decode())
+    if not all(_is_utf8(k) and _is_utf8(v) for k, v in metadata_raw.items()):
+        raise LoraError("an entry holds an unpaired UTF-16 surrogate: not UTF-8 text", file=path,
+                        key="__metadata__")
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
@@ -131,6 +152,13 @@ def _parse_header(path: Path, raw: bytes, data_len: int) -> tuple[dict[str, str]
                 isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise LoraError(f"shape must be a list of non-negative integers, found {shape!r}",
                             file=path, key=name)
+        # NumPy cannot make such an array even when a 0 leaves it empty
+        if len(shape) > _MAX_DIMS:
+            raise LoraError(f"shape has {len(shape)} dimensions, at most {_MAX_DIMS} are possible",
+                            file=path, key=name)
+        if math.prod(d for d in shape if d) * dtype.itemsize > _MAX_BYTES:
+            raise LoraError(f"shape {shape!r:.120} spans more than 2**62 bytes without its zeros: no "
+                            "array can have it", file=path, key=name)
         offsets = entry["data_offsets"]
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(
                 isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
@@ -245,7 +273,9 @@ class SafetensorsFile:
 
     def file_range(self, name: str) -> "FileRange":
         """``name``'s bytes as a :class:`FileRange`, for a writer to copy without reading them."""
-        info = self.tensors[name]
+        info = self.tensors.get(name)
+        if info is None:
+            raise LoraError("no such tensor in the file", file=self.path, key=name)
         return FileRange(self._file, self.data_start + info.begin, info.nbytes)
 
     def release(self, name: str) -> None:

@@ -272,7 +272,8 @@ def _checked(block: np.ndarray, wide: np.ndarray, target: np.dtype, allow_nonfin
             warnings.warn(f"{name}: the merged tensor holds non-finite values (NaN or ±inf, "
                           f"{target}); written anyway, as allow_nonfinite asks", UserWarning, stacklevel=2)
         return block
-    bound = _overflow_bound(target) if wide.dtype.kind == "f" else None
+    # the bound is exact for float32 working values; float64 ones are judged after rounding
+    bound = _overflow_bound(target) if wide.dtype == np.float32 else None
     if bound is not None:
         if wide.size == 0 or (float(wide.max()) < bound and float(wide.min()) > -bound):
             return block
@@ -503,7 +504,8 @@ def merge(base: str | os.PathLike, adapter: Any, out: str | os.PathLike, *, stre
                 if module is None:
                     if target == info.dtype:
                         return [ckpt.file_range(name)]  # copied file to file, never read here
-                    return _cast_blocks(ckpt, name, target)
+                    return _naming_shard(_cast_blocks(ckpt, name, target, allow_nonfinite),
+                                         ckpt.shard_path(ckpt.shard_of(name)))
                 m = lora[module]
 
                 def read_rows(start: int, stop: int, buffer: np.ndarray) -> None:
@@ -591,11 +593,12 @@ def _naming_shard(blocks: Iterator[np.ndarray], shard: Path) -> Iterator[np.ndar
         raise exc.with_file(shard) from None
 
 
-def _cast_blocks(ckpt: Checkpoint, name: str, target: np.dtype) -> Iterator[np.ndarray]:
-    """An untouched tensor cast to ``target`` (``--dtype``), by row blocks."""
+def _cast_blocks(ckpt: Checkpoint, name: str, target: np.dtype, allow_nonfinite: bool) -> Iterator[np.ndarray]:
+    """An untouched tensor cast to ``target`` (``--dtype``), by row blocks, checked as merged
+    tensors are: a finite value that the cast turns to ±inf is refused unless ``allow_nonfinite``."""
     info = ckpt.info(name)
     if not info.shape or info.nbytes == 0:
-        yield ckpt.get(name).astype(target)
+        yield _cast_checked(ckpt.get(name), target, allow_nonfinite, name, 0)
         return
     row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
     step = max(1, _COPY_BLOCK_BYTES // row_bytes)
@@ -603,7 +606,21 @@ def _cast_blocks(ckpt: Checkpoint, name: str, target: np.dtype) -> Iterator[np.n
     for start in range(0, info.shape[0], step):
         n = min(step, info.shape[0] - start)
         ckpt.read_into(name, buffer[:n], start * row_bytes)
-        yield buffer[:n].astype(target)
+        yield _cast_checked(buffer[:n], target, allow_nonfinite, name, start)
+
+
+def _cast_checked(block: np.ndarray, target: np.dtype, allow_nonfinite: bool, name: str, start: int) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = block.astype(target)
+    lost = int(np.count_nonzero(~_finite(cast) & _finite(block))) if cast.size else 0
+    if lost and not allow_nonfinite:
+        raise LoraError(f"casting to {target} turns {lost} finite values to ±inf (rows from {start}; "
+                        f"largest |value| {float(np.max(np.abs(block.astype(np.float64)))):.4g}); choose "
+                        "a wider --dtype (--allow-nonfinite writes them anyway)", key=name)
+    if lost:
+        warnings.warn(f"{name}: casting to {target} turned finite values to ±inf; written anyway, as "
+                      "allow_nonfinite asks", UserWarning, stacklevel=2)
+    return cast
 
 
 def _copy_side_files(ckpt: Checkpoint, into: Path) -> list[str]:
