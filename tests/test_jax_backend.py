@@ -392,6 +392,63 @@ def test_merge_adapter_into_plain_modules_including_conv():
         plj.unmerge(net, adapter)
 
 
+class Shared(nnx.Module):
+    """`a` and `b` one nnx.Linear; `c` another Linear holding `a`'s kernel (a tied weight)."""
+
+    def __init__(self):
+        rngs = nnx.Rngs(0)
+        self.a = nnx.Linear(6, 4, param_dtype=np.float32, rngs=rngs)
+        self.b = self.a
+        self.c = nnx.Linear(6, 4, use_bias=False, param_dtype=np.float32, rngs=rngs)
+        self.c.kernel = self.a.kernel
+
+
+def test_shared_weights_merge_only_when_allowed_and_unmerge_per_weight():
+    """As the torch and MLX backends: merging into a weight that another name holds, which
+    apply() would leave alone, is refused (naming both, nothing changed) unless allow_shared;
+    two adapter modules never map to one weight; a tied weight's merges come back in the
+    reverse order, whichever module each went through."""
+    model = Shared()
+    W = f64(model.a.kernel[...])
+    first = module("linear", (4, 6), rank=2, alpha=2.0, dtype=np.float32)
+    second = module("linear", (4, 6), rank=4, alpha=32.0, dtype=np.float32)
+    with pytest.raises(LoraError, match="modules 'a' and 'b' both map to"):
+        plj.merge(model, Adapter({"a": first, "b": second}), allow_shared=True)
+    for verb in (lambda m, a: plj.merge(m, a, allow_shared=True), plj.unmerge):
+        with pytest.raises(LoraError, match="modules 'a' and 'c' both map to one weight"):
+            verb(model, Adapter({"a": first, "c": second}))
+    with pytest.raises(LoraError, match=r"module 'a' holds its weight together with 'b' \(tied or shared "
+                                        r"weights\).*allow_shared=True") as info:
+        plj.merge(model, Adapter({"a": first}))
+    assert info.value.key == "a"
+    with pytest.raises(LoraError, match="module 'c' holds its weight together with 'a'"):
+        plj.merge(model, Adapter({"c": second}))
+    assert np.array_equal(f64(model.a.kernel[...]), W)
+    plj.merge(model, Adapter({"a": first}), allow_shared=True)
+    plj.merge(model, Adapter({"c": second}), allow_shared=True)
+    assert_close(f64(model.c.kernel[...]), W + ref_delta(first).T + ref_delta(second).T, "float32")
+    with pytest.raises(LoraError, match="'a' shares its weight with 'c', which had a LoRA merged into it after"):
+        plj.unmerge(model, Adapter({"a": first}))
+    plj.unmerge(model, Adapter({"c": second}))
+    plj.unmerge(model, Adapter({"a": first}))
+    assert_close(f64(model.a.kernel[...]), W, "float32", what="both unmerged")
+
+
+def test_merging_applied_modules_checks_shared_weights_too():
+    model = Shared()
+    W = f64(model.a.kernel[...])
+    adapter = Adapter({"a": module("linear", (4, 6), dtype=np.float32)})
+    plj.apply(model, adapter)
+    assert type(model.b) is nnx.Linear  # apply() changes `a` only
+    with pytest.raises(LoraError, match="module 'a' holds its weight together with 'b'"):
+        plj.merge(model)
+    assert not model.a.merged and np.array_equal(f64(model.b.kernel[...]), W)
+    plj.merge(model, allow_shared=True)
+    assert_close(f64(model.b.kernel[...]), W + ref_delta(adapter["a"]).T, "float32")
+    plj.unmerge(model)
+    assert_close(f64(model.b.kernel[...]), W, "float32")
+
+
 def test_nnx_errors():
     model = Stack()
     with pytest.raises(LoraError, match=r"2 adapter module.*layers\.5\.q.*nope"):

@@ -498,6 +498,65 @@ def test_unmerge_needs_a_matching_merge():
     unmerge(net, first)
 
 
+class TwoNames(nn.Module):
+    """One layer held as ``a`` and as ``b``."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.a = layer
+        self.b = layer
+
+    def __call__(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_a_layer_under_two_names_is_one_module_and_merges_only_when_allowed():
+    """An adapter naming both names of one float layer is refused by every verb, as by the NumPy
+    and JAX backends (merging both, then unmerging, was refused halfway before), and nothing
+    changes. Naming `a` alone, merge is refused (it would change `b`, which apply() leaves
+    alone) unless allow_shared=True; merges through `a` and `b` then come back in the reverse
+    order, each with its own scale, restoring the weight to within a rounding."""
+    net = TwoNames(linear_net(bias=False).proj)
+    shared = net.a
+    W = f64(shared.weight)
+    first, second = lora(10, 12, rank=2, alpha=2.0), lora(10, 12, rank=4, alpha=32.0)
+    both = Adapter({"a": first, "b": second})
+    for verb in (apply, merge, lambda m, a: merge(m, a, allow_shared=True), unmerge):
+        with pytest.raises(LoraError, match="modules 'a' and 'b' both map to one Linear") as info:
+            verb(net, both)
+        assert info.value.key == "b"
+        assert net.a is shared and net.b is shared and np.array_equal(f64(shared.weight), W)
+    with pytest.raises(LoraError, match=r"module 'a' holds its weight together with 'b' \(tied or shared "
+                                        r"weights\).*allow_shared=True"):
+        merge(net, Adapter({"a": first}))
+    assert np.array_equal(f64(shared.weight), W)
+    merge(net, Adapter({"a": first}), allow_shared=True)
+    merge(net, Adapter({"b": second}), allow_shared=True)
+    assert_close(f64(net.b.weight), reference_weight(reference_weight(W, first), second), "float32")
+    with pytest.raises(LoraError, match="reverse order"):
+        unmerge(net, Adapter({"a": first}))
+    unmerge(net, Adapter({"b": second}))  # b's own scale (8), not a's (1)
+    assert_close(f64(shared.weight), reference_weight(W, first), "float32", what="b unmerged")
+    unmerge(net, Adapter({"a": first}))
+    assert_close(f64(shared.weight), W, "float32", what="both unmerged")
+
+
+def test_a_quantized_layer_under_two_names_merges_in_its_slot_as_apply():
+    """A quantized layer merges into a new float layer in the named slot only, as apply()
+    wraps that slot only: not refused, and merged equals applied."""
+    quantized, _ = quantized_net()
+    net = TwoNames(quantized.proj)
+    adapter = Adapter({"a": lora(16, 64)})
+    x = mx.array(RNG.standard_normal((3, 64)).astype(np.float32))
+    applied = f64(apply(net, adapter)(x))
+    remove(net)
+    merge(net, adapter)
+    assert type(net.a) is nn.Linear and net.b is quantized.proj
+    assert_close(f64(net(x)), applied, "float32", what="merged vs applied")
+    unmerge(net, adapter)
+    assert net.a is quantized.proj
+
+
 def test_verbs_on_a_model_without_lora_and_bad_arguments():
     for verb in (remove, extract, lambda m: set_strength(m, 1.0)):
         with pytest.raises(LoraError, match="no LoRA applied"):

@@ -363,6 +363,46 @@ def test_scaled_embedding_scales_the_lora_term_like_the_merged_table():
     assert_close(npy(unmerged), npy(merged), "float32", what="scaled embedding")
 
 
+def test_float_embed_scale_of_bart_scales_the_lora_term():
+    """BART (and M2M100, BioGPT, Blenderbot) keep ``embed_scale`` as a Python float, not a
+    tensor: the applied forward works and equals the merged one (the encoder's table is tied to
+    the decoder's and the head's, hence allow_shared; the encoder sees the same table)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, scale_embedding=True, max_position_embeddings=32)
+    base = BartForConditionalGeneration(config).eval()
+    name = "model.encoder.embed_tokens"
+    assert isinstance(base.get_submodule(name).embed_scale, float)  # the case under test
+    adapter = examples.random_adapter({name: (64, 32)}, rank=4, alpha=8.0, kind="embedding", seed=1)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = base.model.encoder(input_ids=ids).last_hidden_state
+        applied = plt.apply(copy.deepcopy(base), adapter).model.encoder(input_ids=ids).last_hidden_state
+        merged = plt.merge(copy.deepcopy(base), adapter, allow_shared=True).model.encoder(input_ids=ids)
+    assert_close(npy(applied), npy(merged.last_hidden_state), "float32", what="applied vs merged encoder")
+    assert np.abs(npy(applied) - npy(plain)).max() > 1e-2  # the LoRA term is there
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_factors_cast_after_apply_are_followed(dora):
+    """The usual "train the adapter in float32" step on a bfloat16 model: factors applied in
+    bfloat16, then upcast in place (``p.data = p.data.float()``). Forward follows the factors'
+    dtype as it is now, giving what apply(dtype=torch.float32) with those factors gives, on
+    every layer kind; cast back down, what bfloat16 factors give."""
+    model = plt.apply(Mixed().to(torch.bfloat16), mixed_adapter(dora=dora))
+    for cast, factor_dtype in ((torch.Tensor.float, torch.float32), (torch.Tensor.bfloat16, None)):
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.data = cast(parameter.data)
+        reference = plt.apply(Mixed().to(torch.bfloat16), plt.extract(model), dtype=factor_dtype)
+        for got, want in zip(run_mixed(model), run_mixed(reference)):
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got, want)
+
+
 def test_remove_restores_the_original_layers():
     base = Mixed()
     base.proj.bias.requires_grad_(False)  # a flag apply() did not set stays as it was
@@ -560,9 +600,12 @@ def test_cuda_bulk_upload_merge_of_mixed_factor_dtypes_and_unmerge():
         assert_close(npy(gpu[n].weight.float()), npy(model[n].weight.float()), "bfloat16", what=f"{n} unmerged")
 
 
-def test_a_module_registered_under_two_names_merges_and_unmerges_both():
-    """One Linear reachable as `a` and as `b`, the adapter naming both with different scales:
-    merge adds both deltas; unmerge takes each back with its own scale, last merged first."""
+def test_a_layer_under_two_names_is_one_module_and_merges_only_when_allowed():
+    """One Linear reachable as `a` and as `b`. An adapter naming both is refused by every verb,
+    as by the NumPy and JAX backends (one module per layer; merging both, then unmerging, was
+    refused halfway before), and nothing changes. Naming `a` alone, merge is refused (it would
+    change `b`, which apply() leaves alone) unless allow_shared=True; merges through `a` and
+    `b` then come back in the reverse order, each with its own scale, restoring the weight."""
     shared = nn.Linear(12, 10, bias=False)
     model = nn.Module()
     model.a = shared
@@ -570,7 +613,18 @@ def test_a_module_registered_under_two_names_merges_and_unmerges_both():
     original = shared.weight.detach().clone()
     first = examples.random_adapter({"a": (10, 12)}, rank=2, alpha=2.0, seed=1)["a"]
     second = examples.random_adapter({"b": (10, 12)}, rank=4, alpha=32.0, seed=2)["b"]
-    plt.merge(model, Adapter({"a": first, "b": second}))
+    both = Adapter({"a": first, "b": second})
+    for verb in (plt.apply, plt.merge, lambda m, a: plt.merge(m, a, allow_shared=True), plt.unmerge):
+        with pytest.raises(LoraError, match="modules 'a' and 'b' both map to one Linear") as info:
+            verb(model, both)
+        assert info.value.key == "b"
+        assert model.a is shared and model.b is shared and torch.equal(shared.weight, original)
+    with pytest.raises(LoraError, match=r"module 'a' holds its weight together with 'b' \(tied or shared "
+                                        r"weights\).*allow_shared=True"):
+        plt.merge(model, Adapter({"a": first}))
+    assert torch.equal(shared.weight, original) and not hasattr(shared, "_portable_lora_merges")
+    plt.merge(model, Adapter({"a": first}), allow_shared=True)
+    plt.merge(model, Adapter({"b": second}), allow_shared=True)
     expected = original.double().numpy() + first.delta_weight(np.float64) + second.delta_weight(np.float64)
     assert_close(npy(shared.weight), expected, "float32", what="both merged")
     with pytest.raises(LoraError, match="merged last into 'a' is not this adapter's"):
@@ -582,6 +636,88 @@ def test_a_module_registered_under_two_names_merges_and_unmerges_both():
     assert_close(npy(shared.weight), original.numpy(), "float32", what="both unmerged")
     with pytest.raises(LoraError, match="'a' has no merged LoRA to unmerge"):
         plt.unmerge(model, Adapter({"a": first}))
+
+
+def test_a_block_registered_twice_merges_as_apply_changes_it():
+    """A block run twice (`0` and `1` of a Sequential): apply() on `0.q` replaces the block's
+    own `q`, so `1.q` gets the LoRA as well; merge changes both too, so it is not refused, and
+    the merged forward equals the applied one."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.tanh(self.q(x))
+
+    torch.manual_seed(0)
+    block = Block()
+    base = nn.Sequential(block, block)
+    adapter = examples.random_adapter({"0.q": (8, 8)}, rank=2, alpha=4.0, seed=3)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        applied = plt.apply(copy.deepcopy(base), adapter)
+        assert isinstance(applied[1].q, plt.LoraLinear)
+        merged = plt.merge(copy.deepcopy(base), adapter)
+        assert_close(npy(merged(x)), npy(applied(x)), "float32", what="merged vs applied")
+
+
+def tiny_tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                         tie_word_embeddings=True, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def test_tied_head_merge_is_refused_unless_allowed_and_unmerges_per_weight():
+    """tie_word_embeddings: an lm_head LoRA would be merged into the table the input embedding
+    reads too, while apply() changes only the head: refused, naming both modules, the model
+    unchanged. With allow_shared=True both ends see W + ΔW (the weight stays tied); merges
+    through either end come back in the reverse order of merging into the weight; the two ends
+    in one adapter are refused even then (one weight cannot take two ΔW)."""
+    base = tiny_tied_llama()
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    head = examples.random_adapter({"lm_head": (128, 64)}, rank=4, alpha=8.0, seed=1)
+    with pytest.raises(LoraError, match=r"module 'lm_head' holds its weight together with 'model.embed_tokens'"
+                                        r".*allow_shared=True") as info:
+        plt.merge(base, head)
+    assert info.value.key == "lm_head"
+    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+    assert not any(hasattr(m, "_portable_lora_merges") for m in base.modules())
+
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        w = by_hand.lm_head.weight
+        w.copy_((w.double() + torch.from_numpy(head.delta_weight("lm_head", np.float64))).float())
+        expected = by_hand(IDS).logits
+        plt.merge(base, head, allow_shared=True)
+        assert base.lm_head.weight is base.model.embed_tokens.weight
+        assert_close(npy(base(IDS).logits), npy(expected), "float32", what="tied merge, both ends")
+
+    e = examples.random_adapter({"model.embed_tokens": (128, 64)}, rank=3, kind="embedding", seed=2)
+    plt.merge(base, e, allow_shared=True)
+    merged_twice = base.lm_head.weight.detach().clone()
+    with pytest.raises(LoraError, match="'lm_head' shares its weight with 'model.embed_tokens', which had a "
+                                        "LoRA merged into it after this one"):
+        plt.unmerge(base, head)
+    assert torch.equal(base.lm_head.weight, merged_twice)
+    both = Adapter({"model.embed_tokens": e["model.embed_tokens"], "lm_head": head["lm_head"]})
+    for verb in (lambda m, a: plt.merge(m, a, allow_shared=True), plt.unmerge):
+        with pytest.raises(LoraError, match="modules 'model.embed_tokens' and 'lm_head' both map to one weight"):
+            verb(base, both)
+        assert torch.equal(base.lm_head.weight, merged_twice)
+    plt.unmerge(base, e)
+    plt.unmerge(base, head)
+    # back to within the rounding of the merged table (ΔW outweighs this small-init W)
+    bound = 4 * np.finfo(np.float32).eps * np.abs(npy(merged_twice)).max()
+    for k, v in base.state_dict().items():
+        assert np.abs(npy(v) - npy(state[k])).max() <= (bound if k.endswith("embed_tokens.weight") or
+                                                        k == "lm_head.weight" else 0), k
 
 
 @pytest.mark.parametrize("dora", [False, True])

@@ -13,6 +13,10 @@ under ``jax.jit`` and ``jax.grad``.
 :class:`LoraLinear` / :class:`LoraEmbed`, which hold the base module and the factors as
 ``nnx.LoRAParam`` (so ``nnx.DiffState(0, nnx.LoRAParam)`` trains only them); :func:`merge`,
 :func:`unmerge`, :func:`remove`, :func:`extract` and :func:`set_strength` act in place.
+:func:`unmerge` brings a weight back to within a rounding of the merged one (W + ΔW − ΔW,
+each sum rounded once to the weight's dtype), not bit for bit. :func:`merge` refuses a weight
+that the model also reaches under another name which :func:`apply` would leave alone (one
+module in two places, one ``nnx.Param`` in two modules), unless ``allow_shared=True``.
 
 Layouts at this boundary are Flax's: a Dense/Linear ``kernel`` is (in, out), the transpose of
 the canonical (out, in); an ``embedding`` table is (num_embeddings, dim), the layout ΔW of an
@@ -42,9 +46,10 @@ module's sub-tree (the leaf ``kernel`` or ``embedding`` is then added) or the le
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping, MutableSequence, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -302,7 +307,8 @@ def lora_embed(ids: Any, embedding: Any, A: Any, B: Any, scale: float) -> jax.Ar
 # -- Flax NNX modules ----------------------------------------------------------------------
 
 class DoraNorm(nnx.Variable):
-    """‖W + ΔW‖ per output, kept while a DoRA module is merged so it can be unmerged exactly."""
+    """‖W + ΔW‖ per output, kept while a DoRA module is merged: unmerging needs it (W is not
+    determined by W' and the factors alone)."""
 
 
 class _LoraWrapper(nnx.Module):
@@ -542,14 +548,20 @@ def apply(model: nnx.Module, adapter: Adapter, *, strength: float = 1.0, mapping
     return model
 
 
+# every merge of this process, numbered: of two modules holding one nnx.Param, which one had
+# the last merge into it
+_MERGE_ORDER = itertools.count()
+
+
 @dataclass
 class _MergeRecord:
-    """What unmerging a merge(model, adapter) needs: the scale used, DoRA's ‖W + ΔW‖, and which
-    adapter module was merged under which name."""
+    """What unmerging a merge(model, adapter) needs: the scale used, DoRA's ‖W + ΔW‖, which
+    adapter module was merged under which name, and when."""
 
     scale: float
     weight_norm: Any
     identity: _merged.Identity
+    order: int = field(default_factory=lambda: next(_MERGE_ORDER))
 
 
 # merges into plain modules, per module object (kept outside the module: NNX would treat
@@ -557,11 +569,64 @@ class _MergeRecord:
 _MERGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _merge_plain(model: nnx.Module, adapter: Adapter, strength: float, mapping: PathMapping) -> nnx.Module:
+# -- weights held in more than one place ---------------------------------------------------
+
+_Steps = tuple  # ((node, key), ...): a path from the model down to a node
+
+
+def _paths_to(model: nnx.Module, wanted: set[int]) -> dict[int, list[_Steps]]:
+    """Every path from ``model`` to each variable in ``wanted`` (by id): a node held in more
+    than one place is followed along each of its paths."""
+    found: dict[int, list[_Steps]] = {}
+
+    def visit(node: Any, steps: _Steps, active: frozenset) -> None:
+        for key, child in nnx.iter_children(node):
+            path = steps + ((node, key),)
+            if id(child) in wanted:
+                found.setdefault(id(child), []).append(path)
+            if not isinstance(child, nnx.Variable) and id(child) not in active:
+                visit(child, path, active | {id(child)})
+
+    visit(model, (), frozenset((id(model),)))
+    return found
+
+
+def _check_unshared(model: nnx.Module, items: list[tuple[str, Any, Any, nnx.Variable]]) -> None:
+    """Refuse to merge into a weight that the model also reaches under another name which
+    :func:`apply` would not change: ``items`` are (name, parent, key, weight), ``parent[key]``
+    the slot apply() replaces. The merged model would differ from the applied one there."""
+    paths = _paths_to(model, {id(weight) for *_, weight in items})
+    for name, parent, key, weight in items:
+        for path in paths.get(id(weight), ()):
+            if not any(node is parent and str(k) == str(key) for node, k in path):
+                other = ".".join(str(k) for _, k in path[:-1])
+                raise LoraError(f"merge: module {name!r} holds its weight together with {other!r} "
+                                f"(tied or shared weights): merging would change {other!r} too, which "
+                                "apply() leaves as it is. Untie the weights, or pass allow_shared=True to "
+                                "merge into the shared weight anyway", key=name)
+
+
+def _check_one_per_weight(targets: list[tuple], verb: str) -> None:
+    """Two adapter modules on two modules that hold one nnx.Param: refused, one per weight."""
+    seen: dict[int, str] = {}
+    for name, module, _, _, target in targets:
+        weight = getattr(target, _LEAF[module.kind], None)  # None: _check_target says what is wrong
+        first = name if weight is None else seen.setdefault(id(weight), name)
+        if first != name:
+            raise LoraError(f"{verb}: modules {first!r} and {name!r} both map to one weight (one "
+                            f"{_LEAF[module.kind]} held by both); {verb} them one at a time", key=name)
+
+
+def _merge_plain(model: nnx.Module, adapter: Adapter, strength: float, mapping: PathMapping,
+                 allow_shared: bool) -> nnx.Module:
     strength = core.check_strength(strength)
     targets = _resolve(model, adapter, mapping)
     for name, module, _, _, target in targets:
         _check_target(name, module, target, wrapping=False)
+    _check_one_per_weight(targets, "merge")
+    if not allow_shared:
+        _check_unshared(model, [(name, parent, key, getattr(target, _LEAF[module.kind]))
+                                for name, module, parent, key, target in targets])
     for name, module, _, _, target in targets:
         weight = getattr(target, _LEAF[module.kind])
         scale = module.scale * strength
@@ -577,6 +642,7 @@ def _merge_plain(model: nnx.Module, adapter: Adapter, strength: float, mapping: 
 
 def _unmerge_plain(model: nnx.Module, adapter: Adapter, mapping: PathMapping) -> nnx.Module:
     targets = _resolve(model, adapter, mapping)
+    _check_one_per_weight(targets, "unmerge")
     for name, module, _, _, target in targets:
         _check_target(name, module, target, wrapping=False)
         records = _MERGES.get(target)
@@ -584,6 +650,17 @@ def _unmerge_plain(model: nnx.Module, adapter: Adapter, mapping: PathMapping) ->
             raise LoraError(f"module {name!r} has no LoRA merged by merge(model, adapter) (never "
                             "merged, already unmerged, or the module object was rebuilt)", key=name)
         _merged.check_last(records[-1].identity, name, module)  # the reverse order of merging
+    paths = _paths_to(model, {id(getattr(target, _LEAF[module.kind])) for _, module, _, _, target in targets})
+    for name, module, _, _, target in targets:  # the reverse order per weight, across its holders
+        mine = _MERGES[target][-1].order
+        for path in paths.get(id(getattr(target, _LEAF[module.kind])), ()):
+            holder = path[-1][0]
+            records = _MERGES.get(holder) if holder is not target else None
+            if records and records[-1].order > mine:
+                other = ".".join(str(k) for _, k in path[:-1])
+                raise LoraError(f"unmerge: module {name!r} shares its weight with {other!r}, which had "
+                                "a LoRA merged into it after this one; unmerge that first (the reverse "
+                                "order of merging)", key=name)
     for name, module, _, _, target in targets:
         weight = getattr(target, _LEAF[module.kind])
         record = _MERGES[target].pop()
@@ -593,7 +670,7 @@ def _unmerge_plain(model: nnx.Module, adapter: Adapter, mapping: PathMapping) ->
 
 
 def merge(model: nnx.Module, adapter: Adapter | None = None, *, strength: float = 1.0,
-          mapping: PathMapping = None) -> nnx.Module:
+          mapping: PathMapping = None, allow_shared: bool = False) -> nnx.Module:
     """Merge LoRA into base weights in place (float32 accumulation, one rounding); returns ``model``.
 
     With ``adapter`` (as in the other frameworks): merges ``strength`` × it straight into the
@@ -601,10 +678,17 @@ def merge(model: nnx.Module, adapter: Adapter | None = None, *, strength: float 
     :func:`unmerge` needs. Without: every applied :class:`LoraLinear` / :class:`LoraEmbed`
     folds its LoRA into its base weight at its own strength (see :func:`set_strength`) and
     forwards through the base alone until :func:`unmerge`.
+
+    Either way, a weight that the model also holds under another name which :func:`apply`
+    would leave alone (``model.b = model.a``, or ``model.b.kernel = model.a.kernel``, the
+    adapter naming ``a``) is refused, naming both, and nothing changes: merging would change
+    ``b`` too. ``allow_shared=True`` merges into the shared weight anyway, so every module
+    holding it changes. (A tied output head through ``nnx.Embed.attend`` is one module: no
+    sharing.)
     """
     _check_model(model)
     if adapter is not None:
-        return _merge_plain(model, adapter, strength, mapping)
+        return _merge_plain(model, adapter, strength, mapping, allow_shared)
     if strength != 1.0 or mapping is not None:
         raise LoraError("strength and mapping apply only with an adapter; applied modules merge at "
                         "their own strength (set_strength)")
@@ -612,6 +696,8 @@ def merge(model: nnx.Module, adapter: Adapter | None = None, *, strength: float 
     done = [w.adapter_name for _, w in wrappers if w.merged]
     if done:
         raise LoraError(f"already merged: {', '.join(done)}")
+    if not allow_shared:
+        _check_unshared(model, [(w.adapter_name, *_locate(model, path)[:2], w._weight()) for path, w in wrappers])
     for _, wrapper in wrappers:
         wrapper.merge()
     return model
@@ -619,8 +705,8 @@ def merge(model: nnx.Module, adapter: Adapter | None = None, *, strength: float 
 
 def unmerge(model: nnx.Module, adapter: Adapter | None = None, *, mapping: PathMapping = None) -> nnx.Module:
     """The inverse of :func:`merge`: with ``adapter``, undoes the last merge of it into each
-    module (same strength; DoRA exactly, from the norm recorded then); without, unmerges every
-    applied module."""
+    module (same strength; DoRA from the norm recorded then); without, unmerges every applied
+    module. Weights come back to within a rounding of the merged ones, not bit for bit."""
     _check_model(model)
     if adapter is not None:
         return _unmerge_plain(model, adapter, mapping)

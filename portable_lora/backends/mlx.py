@@ -4,7 +4,7 @@ The same verbs as every framework module::
 
     apply(model, adapter, *, strength=1.0) -> model   # wrap layers: unmerged, trainable LoRA
     merge(model, adapter, *, strength=1.0)            # fold ΔW into the base weights
-    unmerge(model, adapter)                           # undo a merge exactly
+    unmerge(model, adapter)                           # undo a merge (see below)
     remove(model)                                     # unwrap every applied LoRA
     extract(model) -> Adapter                         # the applied (possibly trained) LoRA
     set_strength(model, strength)                     # rescale every applied LoRA
@@ -13,6 +13,12 @@ Module names are the dotted paths of ``model.named_modules()``, e.g.
 ``model.layers.0.self_attn.q_proj`` in an mlx-lm Llama. Layers: ``nn.Linear``,
 ``nn.QuantizedLinear``, ``nn.Embedding``, ``nn.QuantizedEmbedding`` (a tied output head
 through ``as_linear`` included). All the math is :mod:`portable_lora.core`'s.
+
+:func:`unmerge` gives a quantized layer back its original, bit for bit; a float layer's
+weight comes back as W + ΔW − ΔW, each sum rounded once to the weight's dtype: to within a
+rounding of the merged weight, not bit for bit. :func:`merge` refuses a float layer that the
+model also reaches under another name which :func:`apply` would leave alone (one layer in two
+places), unless ``allow_shared=True``; two adapter modules never map to one layer.
 
 >>> import mlx.nn as nn
 >>> from portable_lora import examples
@@ -256,9 +262,14 @@ def _targets(model: nn.Module, adapter: Adapter, verb: str) -> list[tuple[str, n
                         f"{eligible[:4] or 'nothing (it has no Linear or Embedding layer)'}",
                         key=missing[0])
     wrapped = [n for n, m in layers.items() if isinstance(m, _LoraLayer)]
-    out = []
+    out, seen = [], {}
     for name, module in adapter.items():
         layer = layers[name]
+        first = seen.setdefault(id(layer), name)
+        if first != name:  # as the NumPy and JAX backends: one module per layer
+            raise LoraError(f"{verb}: modules {first!r} and {name!r} both map to one "
+                            f"{type(layer).__name__} (a layer held under both names); an adapter "
+                            "names each layer once", key=name)
         inside = [w for w in wrapped if name == w or name.startswith(w + ".")]
         if inside:
             raise LoraError(f"{verb}: module {name!r} already has a LoRA applied at {inside[0]!r}; "
@@ -425,18 +436,61 @@ def _norm(x: mx.array) -> float:
     return float(mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))))
 
 
+def _through(model: nn.Module, path: str, parent: Any, key: str) -> bool:
+    """Whether the module path ``path`` goes through ``parent[key]``, the slot that
+    :func:`apply` (and the merge of a quantized layer) replaces."""
+    node = model
+    for part in path.split("."):
+        if node is parent and part == key:
+            return True
+        node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+    return False
+
+
+def _check_unshared(model: nn.Module, targets: list[tuple[str, nn.Module, LoraModule]], verb: str) -> None:
+    """Refuse to merge into a float layer that the model also reaches under another name which
+    :func:`apply` would not change (the layer held in two places): the merged weight would
+    show there too. (A quantized layer is replaced in its slot, as apply() replaces it.)"""
+    floats = {id(layer): name for name, layer, _ in targets if not isinstance(layer, _QUANTIZED)}
+    if not floats:
+        return
+    names: dict[int, list[str]] = {}
+    for path, layer in model.named_modules():
+        if id(layer) in floats:
+            names.setdefault(id(layer), []).append(path)
+    for key, found in names.items():
+        if len(found) < 2:
+            continue
+        name = floats[key]
+        parent, last = _parent(model, name)
+        others = [p for p in found if not _through(model, p, parent, last)]
+        if others:
+            raise LoraError(f"{verb}: module {name!r} holds its weight together with {others[0]!r} "
+                            f"(tied or shared weights): merging would change {others[0]!r} too, which "
+                            "apply() leaves as it is. Untie the weights, or pass allow_shared=True to "
+                            "merge into the shared weight anyway", key=name)
+
+
 def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0,
-          requantize: bool = False) -> nn.Module:
+          requantize: bool = False, allow_shared: bool = False) -> nn.Module:
     """Fold ΔW (times ``strength``) into the base weights of ``model``; returns ``model``.
 
     Float layers are updated in place, accumulating in float32 and rounding once. A quantized
     layer is dequantized (``mx.dequantize``) into a float ``nn.Linear`` / ``nn.Embedding``;
     with ``requantize=True`` it is quantized again with the same group size, bits and mode,
     and a :class:`RequantizationWarning` says how much of ΔW that erased. :func:`unmerge`
-    undoes a merge (a quantized layer gets its original back, bit for bit).
+    undoes a merge: a quantized layer gets its original back, bit for bit; a float layer's
+    weight comes back to within a rounding of the merged one.
+
+    A float layer that the model also holds under another name which :func:`apply` would
+    leave alone (``model.a = model.b = layer``, the adapter naming ``a``) is refused, naming
+    both, and nothing changes: merging would change ``b`` too. ``allow_shared=True`` merges
+    into it anyway, so every name sees the merged weight.
     """
     strength = core.check_strength(strength)
     targets = _targets(model, adapter, "merge")
+    if not allow_shared:
+        _check_unshared(model, targets, "merge")
     erased: dict[str, float] = {}
     described: dict[str, str] = {}
     for name, layer, module in targets:
@@ -478,8 +532,10 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0,
 def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
     """Undo :func:`merge` of ``adapter`` (merged last into each of its layers); returns ``model``.
 
-    Uses the strength (and, for DoRA, the weight norm) recorded at merge time. A model whose
-    merge was not done by :func:`merge` in this process cannot be unmerged: the record is gone.
+    Uses the strength (and, for DoRA, the weight norm) recorded at merge time. A quantized
+    layer gets its original back, bit for bit; a float weight comes back to within a rounding
+    of the merged one. A model whose merge was not done by :func:`merge` in this process
+    cannot be unmerged: the record is gone.
     """
     targets = _targets(model, adapter, "unmerge")
     for name, layer, module in targets:

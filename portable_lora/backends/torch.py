@@ -22,7 +22,14 @@ the unmerged forward equals the merged one); B is 1×1.
 Dtype and device: the factors are created on the base weight's device, in the base weight's
 dtype unless ``apply(..., dtype=torch.float32)`` says otherwise (e.g. float32 factors on a
 bfloat16 model for training; the input is then cast to the factors' dtype for the LoRA term and
-the term back to the output's dtype).
+the term back to the output's dtype). Forward reads the factors' dtype on each call, so
+factors cast after :func:`apply` (``p.data = p.data.float()``) work the same way.
+
+Shared weights: :func:`merge` refuses to write into a weight that the model also reaches under
+another name which :func:`apply` would leave alone (a tied input embedding and output head, a
+layer registered twice), since the merged model would then differ from the applied one;
+``merge(..., allow_shared=True)`` merges into the shared weight anyway. Two adapter modules
+never map to one layer, nor (merge, unmerge) to one weight.
 
 ``torch.compile(model, fullgraph=True)`` traces through the wrappers with no graph break: every
 core call gets the torch namespace, resolved once at import, as ``xp=``, so a compiled graph
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import difflib
+import itertools
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -158,8 +166,6 @@ class LoraLayer(nn.Module):
         self.register_parameter("lora_magnitude", magnitude)
         self.alpha = module.alpha
         self.rule = module.rule
-        # resolved once here so forward does no per-call dtype work when dtypes agree
-        self.same_dtype = factor_dtype == weight.dtype
         self.set_strength(strength)
 
     # -- state ---------------------------------------------------------------------------
@@ -196,7 +202,10 @@ class LoraLayer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def _factor_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.same_dtype else x.to(self.lora_A.dtype)
+        # the factors' dtype now, not at apply time: they may have been cast since (float32
+        # factors on a bfloat16 model for training)
+        dtype = self.lora_A.dtype
+        return x if x.dtype is dtype else x.to(dtype)
 
     def _dora(self, x: torch.Tensor) -> torch.Tensor:
         # m/‖W + ΔW‖ from the core; the layer's own ops give x·W and the LoRA term
@@ -225,12 +234,15 @@ class LoraLinear(LoraLayer):
         return F.linear(x, self.base.weight)
 
     def forward(self, x):
-        if self.same_dtype:
-            # parameters and the base straight from nn.Module's dicts: each attribute that
-            # goes through nn.Module.__getattr__ costs about a µs on the host, as much as a
-            # kernel launch, and this path reads seven of them
-            params = self._parameters
-            A, B, magnitude = params["lora_A"], params["lora_B"], params["lora_magnitude"]
+        # parameters and the base straight from nn.Module's dicts: each attribute that goes
+        # through nn.Module.__getattr__ costs about a µs on the host, as much as a kernel
+        # launch, and this path reads seven of them
+        params = self._parameters
+        A, B, magnitude = params["lora_A"], params["lora_B"], params["lora_magnitude"]
+        # the dtypes as they are now (factors may be cast after apply): the ops below take
+        # one dtype; factors in another go through LoraLayer.forward, which casts around them
+        dtype = x.dtype
+        if A.dtype is dtype and B.dtype is dtype and (magnitude is None or magnitude.dtype is dtype):
             base = self._modules["base"]
             if magnitude is None:
                 if _runs_plain_linear(base):
@@ -282,8 +294,8 @@ class LoraEmbedding(LoraLayer):
 
     The base keeps its ``padding_idx``/``max_norm`` semantics. As in PEFT, A's ``padding_idx``
     column gets no gradient; unlike PEFT, ``max_norm`` does not renormalise A in place. A
-    scaled embedding (an ``embed_scale`` attribute, e.g. Gemma) scales the LoRA term too, as
-    it scales the merged table.
+    scaled embedding (an ``embed_scale`` attribute: a tensor in Gemma, a Python float in
+    BART, M2M100, BioGPT, Blenderbot) scales the LoRA term too, as it scales the merged table.
     """
 
     kind = "embedding"
@@ -303,7 +315,11 @@ class LoraEmbedding(LoraLayer):
             A = torch.where(self.trainable_columns, A, A.detach())
         out = core.embedding_lora_output(ids, A, self.lora_B, self.scale, xp=_XP)
         embed_scale = getattr(self.base, "embed_scale", None)
-        return out if embed_scale is None else out * embed_scale.to(out.dtype)
+        if embed_scale is None:
+            return out
+        if isinstance(embed_scale, torch.Tensor):
+            embed_scale = embed_scale.to(out.dtype)
+        return out * embed_scale
 
     def forward(self, ids):
         out = self.base(ids)
@@ -389,14 +405,19 @@ def _resolve(model: nn.Module, adapter: Adapter, verb: str) -> dict[str, nn.Modu
         raise LoraError(f"{verb}() needs a portable_lora.Adapter, found {type(adapter).__name__}")
     if len(adapter) == 0:
         raise LoraError(f"{verb}(): the adapter has no modules")
-    found, missing = {}, []
+    found, missing, seen = {}, [], {}
     walked: dict[str, nn.Module] = {"": model}
     for name in adapter:
         layer = _submodule(model, name, walked)
         if layer is None:
             missing.append(name)
-        else:
-            found[name] = layer
+            continue
+        first = seen.setdefault(id(layer), name)
+        if first != name:  # as the NumPy and JAX backends: one module per layer
+            raise LoraError(f"{verb}(): modules {first!r} and {name!r} both map to one "
+                            f"{type(layer).__name__} (a layer registered under both names); "
+                            "an adapter names each layer once", key=name)
+        found[name] = layer
     if missing:
         known = [n for n, _ in model.named_modules() if n]
         hint = difflib.get_close_matches(missing[0], known, n=1)
@@ -485,20 +506,115 @@ def extract(model: nn.Module) -> Adapter:
                                                 "created_by": "portable_lora.torch.extract"})
 
 
-class _MergeRecord:
-    """What :func:`unmerge` needs: the scale used, DoRA's ‖W + ΔW‖ taken before the merge, and
-    which adapter module was merged under which name (``_merged.Identity``)."""
+# every merge of this process, numbered: of two layers holding one (tied) weight, which one
+# had the last merge into it
+_MERGE_ORDER = itertools.count()
 
-    __slots__ = ("scale", "weight_norm", "identity")
+
+class _MergeRecord:
+    """What :func:`unmerge` needs: the scale used, DoRA's ‖W + ΔW‖ taken before the merge,
+    which adapter module was merged under which name (``_merged.Identity``), and when."""
+
+    __slots__ = ("scale", "weight_norm", "identity", "order")
 
     def __init__(self, scale: float, weight_norm: torch.Tensor | None, name: str, module: LoraModule):
         self.scale, self.weight_norm, self.identity = scale, weight_norm, _merged.Identity(name, module)
+        self.order = next(_MERGE_ORDER)
 
 
 def _check_last(layer: nn.Module, name: str, module: LoraModule) -> None:
     # merges come back in the reverse order of merging, each by its own adapter
     records = layer.__dict__.get(_MERGES_ATTR)
     _merged.check_last(records[-1].identity if records else None, name, module)
+
+
+# -- weights the model holds in more than one place ----------------------------------------------------
+
+def _weight_holders(model: nn.Module, weights: set[int]) -> tuple[bool, dict[int, list[nn.Module]]]:
+    """One pass over the model's modules, each once (about 0.3 ms for a 32-layer Llama on the
+    host): whether any module is registered in more than one place, and for each weight in
+    ``weights`` (ids) the modules whose parameters hold it."""
+    holders: dict[int, list[nn.Module]] = {}
+    seen, stack, registered_twice = {id(model)}, [model], False
+    while stack:
+        module = stack.pop()
+        for child in module._modules.values():
+            if child is None:
+                continue
+            if id(child) in seen:
+                registered_twice = True
+                continue
+            seen.add(id(child))
+            stack.append(child)
+        for parameter in module._parameters.values():
+            if parameter is not None and id(parameter) in weights:
+                holders.setdefault(id(parameter), []).append(module)
+    return registered_twice, holders
+
+
+def _through(model: nn.Module, path: str, parent: nn.Module, child: str) -> bool:
+    """Whether the module path ``path`` goes through ``parent``'s child ``child``, the slot that
+    :func:`apply` replaces."""
+    node = model
+    for part in path.split(".") if path else ():
+        if node is parent and part == child:
+            return True
+        node = node._modules[part]
+    return False
+
+
+def _check_unshared(model: nn.Module, layers: dict[str, nn.Module], verb: str) -> None:
+    """Refuse to merge into a weight that the model also reaches under another name which
+    :func:`apply` would not change (a tied embedding and output head, a layer registered twice):
+    the merged model would differ from the applied one there."""
+    weights = {id(layer.weight) for layer in layers.values()}
+    registered_twice, holders = _weight_holders(model, weights)
+    if not registered_twice and all(len(found) == 1 for found in holders.values()):
+        return  # each weight held once, by one module reachable one way (almost every model)
+    paths: dict[int, list[str]] = {}  # each target weight's holders, by every name
+    for path, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None and id(parameter) in weights:
+                paths.setdefault(id(parameter), []).append(path)
+    for name, layer in layers.items():
+        parent, child = _split(name)
+        parent_module = model.get_submodule(parent)
+        others = [p for p in paths.get(id(layer.weight), ()) if not _through(model, p, parent_module, child)]
+        if others:
+            raise LoraError(f"{verb}(): module {name!r} holds its weight together with {others[0]!r} "
+                            f"(tied or shared weights): merging would change {others[0]!r} too, which "
+                            "apply() leaves as it is. Untie the weights, or pass allow_shared=True to "
+                            "merge into the shared weight anyway", key=name)
+
+
+def _check_one_per_weight(layers: dict[str, nn.Module], verb: str) -> None:
+    """Refuse two adapter modules on one weight (two layers holding a tied weight): as the
+    NumPy and JAX backends, one module per weight."""
+    seen: dict[int, str] = {}
+    for name, layer in layers.items():
+        first = seen.setdefault(id(layer.weight), name)
+        if first != name:
+            hint = ("one merge cannot give them different ΔW: untie the weights, or merge one of them "
+                    "(allow_shared=True)" if verb == "merge" else
+                    "unmerge them one at a time, in the reverse order of merging")
+            raise LoraError(f"{verb}(): modules {first!r} and {name!r} both map to one weight (tied "
+                            f"weights); {hint}", key=name)
+
+
+def _check_last_of_weight(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Refuse to unmerge from a layer whose weight another layer holds too (tied) when that
+    other layer had a LoRA merged into the weight after it: the reverse order of merging holds
+    per weight, whichever layer each merge went through."""
+    _, holders = _weight_holders(model, {id(layer.weight) for layer in layers.values()})
+    for name, layer in layers.items():
+        mine = layer.__dict__[_MERGES_ATTR][-1].order  # checked: the layer has this merge
+        for other in holders.get(id(layer.weight), ()):
+            records = other.__dict__.get(_MERGES_ATTR) if other is not layer else None
+            if records and records[-1].order > mine:
+                other_name = next(n for n, m in model.named_modules(remove_duplicate=False) if m is other)
+                raise LoraError(f"unmerge(): module {name!r} shares its weight with {other_name!r}, "
+                                f"which had a LoRA merged into it after this one; unmerge that first "
+                                "(the reverse order of merging)", key=name)
 
 
 def _upload(array: Any, device: torch.device) -> torch.Tensor:
@@ -771,7 +887,8 @@ def _merge_inputs(layer: nn.Module, uploaded: tuple):
     return layer.weight, [A, B], magnitude, _is_transformers_conv1d(layer)
 
 
-def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Module:
+def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0,
+          allow_shared: bool = False) -> nn.Module:
     """Add ΔW (or DoRA's rescaled weight) into each named layer's weight, in place.
 
     The sum is taken in float32 (float64 for float64 weights) and rounded once to the weight's
@@ -780,11 +897,33 @@ def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0) -> nn.Mo
     remove(m); merge(m, a)``. On CUDA the factors go up in pinned chunks on a side stream
     while earlier chunks merge (one launch per group of same-shaped 16-bit weights); as with
     any CUDA operation, the call returns with that work queued on the current stream.
+
+    A weight that the model also holds under another name which :func:`apply` would leave
+    alone (``tie_word_embeddings``: ``lm_head.weight`` is ``model.embed_tokens.weight``; one
+    layer registered twice) is refused, naming both modules, and nothing changes: merging
+    would change the other module too. ``allow_shared=True`` merges into the shared weight
+    anyway, so every module holding it changes (the tied input embedding with the head);
+    :func:`unmerge` takes it out again. Two adapter modules never go into one weight.
+
+    >>> import torch, portable_lora as pl
+    >>> model = torch.nn.Module()
+    >>> model.embed = torch.nn.Embedding(5, 3)
+    >>> model.head = torch.nn.Linear(3, 5, bias=False)
+    >>> model.head.weight = model.embed.weight  # tied
+    >>> adapter = pl.examples.random_adapter({"head": (5, 3)}, rank=2)
+    >>> merge(model, adapter)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    portable_lora.errors.LoraError: [head]: merge(): module 'head' holds its weight together with 'embed' ...
+    >>> model = merge(model, adapter, allow_shared=True)  # the embedding changes as well
     """
     strength = core.check_strength(strength)
     layers = _resolve(model, adapter, "merge")
     for name, layer in layers.items():
         _dispatch(name, layer, adapter[name])
+    _check_one_per_weight(layers, "merge")
+    if not allow_shared:
+        _check_unshared(model, layers, "merge")
     with torch.no_grad():
         for batch, stacks in _device_factors(layers, adapter):
             for members, A, B in stacks:  # same-shaped plain linear layers: one launch where it can
@@ -825,13 +964,19 @@ def _pop_record(layer: nn.Module, record: _MergeRecord) -> None:
 
 
 def unmerge(model: nn.Module, adapter: Adapter) -> nn.Module:
-    """Undo :func:`merge` of ``adapter``, which must be the last merged into each of its layers
-    (stacked adapters come back in the reverse order of merging); the scale and, for DoRA, the
-    weight norm are the ones recorded at merge time."""
+    """Undo :func:`merge` of ``adapter``, which must be the last merged into each of its
+    weights (stacked adapters come back in the reverse order of merging; a tied weight's
+    merges too, whichever of its layers each went through); the scale and, for DoRA, the
+    weight norm are the ones recorded at merge time. The weights come back to within a
+    rounding of the merged ones (W + ΔW − ΔW, each sum rounded once to the weight's dtype),
+    not bit for bit."""
     layers = _resolve(model, adapter, "unmerge")
     for name, layer in layers.items():
         _dispatch(name, layer, adapter[name])
-        _check_last(layer, name, adapter[name])  # every layer checked before any changes
+    _check_one_per_weight(layers, "unmerge")
+    for name, layer in layers.items():  # every layer checked before any changes
+        _check_last(layer, name, adapter[name])
+    _check_last_of_weight(model, layers)
     with torch.no_grad():
         for batch, stacks in _device_factors(layers, adapter):
             for members, A, B in stacks:  # W + (−s)·BA, one launch where it can
