@@ -422,3 +422,17 @@ def test_bfloat16_factors_round_trip_bit_exactly(tmp_path):
         assert again[name].A.dtype == ml_dtypes.bfloat16
         assert np.array_equal(again[name].A.view(np.uint16), m.A.view(np.uint16))
         assert np.array_equal(again[name].B.view(np.uint16), m.B.view(np.uint16))
+
+
+def test_ignored_extras_keep_the_config_fields_that_made_them(tmp_path):
+    """bias='lora_only' saves base biases; ignoring them keeps why, for whoever reads provenance."""
+    model = peft_model(peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], bias="lora_only",
+                                       init_lora_weights=False))
+    for layer in peft_layers(model).values():  # the tiny Llama has no biases: give PEFT some to save
+        layer.base_layer.bias = torch.nn.Parameter(torch.zeros(layer.base_layer.out_features))
+    model.save_pretrained(tmp_path / "b")
+    with pytest.raises(pl.LoraError, match="not LoRA tensors"):
+        pl.load(tmp_path / "b")
+    adapter = pl.load(tmp_path / "b", extra_tensors="ignore")
+    assert adapter.provenance["peft"]["bias"] == "lora_only"
+    assert all(k.endswith("base_layer.bias") for k in adapter.provenance["ignored_tensors"])

@@ -307,6 +307,10 @@ def load(path: Path, *, convention: str | None = None, extra_tensors: str = "err
     provenance["peft"]["key_prefix"] = PREFIX if prefixed else ""
     if ignored:
         provenance["ignored_tensors"] = ignored
+        # what the ignored tensors were for: the config fields that made PEFT save them
+        for field in ("bias", "modules_to_save"):
+            if config.get(field) not in (None, "none", []):
+                provenance["peft"][field] = config[field]
     if notes:
         provenance["notes"] = notes
     provenance["source_format"] = NAME
