@@ -217,7 +217,8 @@ def test_pad_rank_keeps_delta(backend, dtype):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 def test_float16_lora_term_does_not_overflow_where_the_result_fits(backend, fused):
-    """x @ Aᵀ = 20000 fits float16 (max 65504), ·4 would not; the true output, 800, does."""
+    """x @ Aᵀ = 20000 fits float16 (max 65504), ·4 would not; the true output, 800, does.
+    With a scale below 1 it is the unscaled product that must not be formed."""
     xp = backend.xp
     if getattr(xp, "float16", None) is None:
         pytest.skip(f"{backend.name} has no float16 (not in the array API standard)")
@@ -230,6 +231,10 @@ def test_float16_lora_term_does_not_overflow_where_the_result_fits(backend, fuse
     got = core.linear_forward(half(x), half(W), half(A), half(B), 4.0, fused=fused)
     np.testing.assert_allclose(backend.back(got), expected, rtol=2e-3)
     np.testing.assert_allclose(backend.back(core.lora_output(half(x), half(A), half(B), 4.0)), expected, rtol=2e-3)
+    # and with a scale below 1 the unscaled product is what would overflow (80000, ·0.25 = 20000)
+    B4 = np.full((3, 1), 4.0)
+    got = core.linear_forward(half(x), half(W), half(A), half(B4), 0.25, fused=fused)
+    np.testing.assert_allclose(backend.back(got), 0.25 * (x @ A.T) @ B4.T, rtol=2e-3)
     ids = backend.asarray_int(np.array([0, 1]))
     table = half(np.full((1, 2), 20000.0))  # embedding A (r, vocab): rows of 20000
     got = core.embedding_lora_output(ids, table, half(B), 4.0)

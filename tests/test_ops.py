@@ -378,6 +378,28 @@ def test_merge_fan_in_fan_out_matches_peft_gpt2(tmp_path, layout, via, targets):
     assert j["base"]["unmatched"] == [] and len(j["base"]["modules"]) == len(report.modules)
 
 
+def test_one_checkpoint_with_both_layouts_patches_each_square_weight_by_its_siblings(tmp_path):
+    """A ViT encoder (nn.Linear, (out, in)) under a GPT-2 decoder (Conv1D, (in, out)), as in
+    Hugging Face's VisionEncoderDecoder: a square weight's layout comes from beside it."""
+    n = 8
+    rng = np.random.default_rng(3)
+    base = {"encoder.layer.0.attention.query.weight": rng.standard_normal((n, n)).astype(np.float32),
+            "decoder.h.0.attn.c_attn.weight": rng.standard_normal((n, 3 * n)).astype(np.float32),
+            "decoder.h.0.attn.c_proj.weight": rng.standard_normal((n, n)).astype(np.float32)}
+    write_safetensors(tmp_path / "base.safetensors", base)
+    adapter = random_adapter({"encoder.layer.0.attention.query": (n, n), "decoder.h.0.attn.c_proj": (n, n)},
+                             rank=2, alpha=3.0)
+    for modules in (["encoder.layer.0.attention.query"], list(adapter)):
+        part = pl.Adapter({m: adapter[m] for m in modules})
+        ops.merge(tmp_path / "base.safetensors", part, tmp_path / "m.safetensors", force=True)
+        merged, _ = read_safetensors(tmp_path / "m.safetensors")
+        for m in modules:
+            delta = adapter[m].delta_weight(np.float64)
+            transposed = m.startswith("decoder")  # c_attn beside it is stored (in, 3·in)
+            want = base[f"{m}.weight"] + (delta.T if transposed else delta)
+            assert rel(merged[f"{m}.weight"], want) < 1e-6, m
+
+
 # -- extract and resize ---------------------------------------------------------------------------
 
 def test_extract_then_verify_is_near_exact(tmp_path):

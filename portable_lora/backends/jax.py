@@ -591,10 +591,27 @@ def _paths_to(model: nnx.Module, wanted: set[int]) -> dict[int, list[_Steps]]:
     return found
 
 
+def _held_once(model: nnx.Module) -> bool:
+    """Whether every module and variable below ``model`` is reached along one path only (almost
+    every model): then no weight is shared, and the path search below is not needed."""
+    seen, stack = {id(model)}, [model]
+    while stack:
+        node = stack.pop()
+        for _, child in nnx.iter_children(node):
+            if id(child) in seen:
+                return False
+            seen.add(id(child))
+            if not isinstance(child, nnx.Variable):
+                stack.append(child)
+    return True
+
+
 def _check_unshared(model: nnx.Module, items: list[tuple[str, Any, Any, nnx.Variable]]) -> None:
     """Refuse to merge into a weight that the model also reaches under another name which
     :func:`apply` would not change: ``items`` are (name, parent, key, weight), ``parent[key]``
     the slot apply() replaces. The merged model would differ from the applied one there."""
+    if _held_once(model):
+        return
     paths = _paths_to(model, {id(weight) for *_, weight in items})
     for name, parent, key, weight in items:
         for path in paths.get(id(weight), ()):
@@ -650,7 +667,8 @@ def _unmerge_plain(model: nnx.Module, adapter: Adapter, mapping: PathMapping) ->
             raise LoraError(f"module {name!r} has no LoRA merged by merge(model, adapter) (never "
                             "merged, already unmerged, or the module object was rebuilt)", key=name)
         _merged.check_last(records[-1].identity, name, module)  # the reverse order of merging
-    paths = _paths_to(model, {id(getattr(target, _LEAF[module.kind])) for _, module, _, _, target in targets})
+    shared = not _held_once(model)
+    paths = _paths_to(model, {id(getattr(target, _LEAF[module.kind])) for _, module, _, _, target in targets}) if shared else {}
     for name, module, _, _, target in targets:  # the reverse order per weight, across its holders
         mine = _MERGES[target][-1].order
         for path in paths.get(id(getattr(target, _LEAF[module.kind])), ()):

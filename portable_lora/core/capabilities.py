@@ -295,14 +295,15 @@ def add_matmul(xp: Any, base: Any, a: Any, b: Any, *, scale: float = 1.0, fused:
 def scaled_matmul(xp: Any, a: Any, b: Any, scale: float) -> Any:
     """``scale · (a @ b)``, the scale applied to ``a`` (put the smaller operand first).
 
-    In float16 (largest value 65504) ``a · scale`` could overflow where the product does not
-    (a LoRA's rank-sized intermediate ``x @ Aᵀ`` is the activations' size, its result the
-    much smaller ΔW·x): there the product is scaled instead, PEFT's order.
+    In float16 (largest value 65504) an intermediate may overflow where the result fits: with
+    ``|scale| > 1`` it is ``a · scale`` (a LoRA's rank-sized ``x @ Aᵀ`` is the activations'
+    size), so the product is scaled instead; with ``|scale| ≤ 1`` it would be the unscaled
+    product, so ``a`` is. Either way no intermediate exceeds the inputs or the result.
     """
     if scale == 1.0:
         return a @ b
     half = getattr(xp, "float16", None)  # not in the standard (array_api_strict lacks it)
-    if half is not None and a.dtype == half:
+    if half is not None and a.dtype == half and abs(scale) > 1.0:
         return (a @ b) * scale
     return (a * scale) @ b
 

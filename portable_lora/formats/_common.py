@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from .. import core
@@ -168,7 +170,7 @@ def fold_scale(B: np.ndarray, factor: float, *, name: str, file: Any = None) -> 
     if overflowed:
         raise LoraError(f"folding scale {factor:g} into {B.dtype} B overflows {overflowed} of {B.size} "
                         f"entries (largest |scale·B| {np.max(np.abs(wide[np.isfinite(wide)])):.4g}, "
-                        f"the dtype's limit {float(np.finfo(B.dtype).max):.4g}); save with another global "
+                        f"the dtype's limit {float(ml_dtypes.finfo(B.dtype).max):.4g}); save with another global "
                         "scale or in a wider dtype", file=file, key=name)
     lost = int(np.count_nonzero((folded == 0) & (B != 0)))
     if lost:
@@ -223,12 +225,19 @@ def pattern_key(patterns: Iterable[str], name: str) -> str:
     'v_proj'
     """
     for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return key
-        except re.error as exc:
-            raise LoraError(f"pattern {key!r} is not a valid regular expression: {exc}", key=str(key)) from None
+        if _pattern_regex(key).match(name):
+            return key
     return name
+
+
+@functools.lru_cache(maxsize=16384)
+def _pattern_regex(key: str) -> re.Pattern:
+    # compiled once per key: re's own cache holds 512, and a per-module rank pattern (kohya's
+    # dynamic resize) has more keys than that, each matched against every module
+    try:
+        return re.compile(rf"(.*\.)?({key})$")
+    except re.error as exc:
+        raise LoraError(f"pattern {key!r} is not a valid regular expression: {exc}", key=str(key)) from None
 
 
 # Provenance an earlier writer recorded that a later reader must not take over: where that

@@ -334,15 +334,22 @@ def explicit_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]
     Keys are exact module names, longest first; a module whose default would be captured by
     a shorter key (its name ends with ``.<key>``) gets its own entry.
     """
-    names = list(values)
+    # what a key can match under PEFT's rule: a module name's tail that starts at a dot, by length
+    tails: dict[int, set[str]] = {}
+    for other in values:
+        parts = other.split(".")
+        for i in range(len(parts)):
+            tail = ".".join(parts[i:])
+            tails.setdefault(len(tail), set()).add(tail)
 
     def key(name: str) -> str:
         # PEFT reads keys as regular expressions: names with other characters are escaped, and
-        # so are names whose dots (any character, read so) would also match another module
+        # so are names whose dots (any character, read so) would also match another module's
+        # tail of the same length (a tail equal to the name is a capture the loop below repairs)
         if not re.fullmatch(r"[\w.]+", name):
             return re.escape(name)
-        loose = re.compile(rf"(.*\.)?({name})$")
-        if any(other != name and not other.endswith("." + name) and loose.match(other) for other in names):
+        loose = re.compile(name)
+        if any(tail != name and loose.fullmatch(tail) for tail in tails.get(len(name), ())):
             return re.escape(name)
         return name
 

@@ -386,23 +386,24 @@ def base_layouts(adapter: Adapter, ckpt: Checkpoint, matched: Mapping[str, str])
 
     The layout belongs to the base checkpoint, not to the adapter: Hugging Face's GPT-2 stores
     its ``Conv1D`` weights (in, out), mlx-lm's GPT-2 the same weights (out, in), and one adapter
-    applies to both. A non-square linear weight tells its layout by its shape. A square one
-    cannot: it takes the layout the patched non-square linear weights share; when there are
-    none, the layout of the checkpoint's GPT-2-style ``c_attn`` / ``c_fc`` weights (their output
-    is 3× / 4× their input, so their shape tells); only when neither tells (or they disagree)
-    the adapter's own hint, PEFT's ``fan_in_fan_out`` flag (:func:`fan_in_fan_out`). Non-linear modules are never transposed; a shape that fits neither
-    layout gets the hint, for the caller's shape check to report.
+    applies to both; one checkpoint may hold both layouts (a ViT encoder of ``nn.Linear``
+    under a GPT-2 decoder). A non-square linear weight tells its layout by its shape. A square
+    one cannot: it takes the layout its siblings (the tensors beside it, under the same parent)
+    tell: the patched non-square linear weights there, and GPT-2's ``c_attn`` / ``c_fc``
+    (output 3× / 4× the input: their shape tells, patched or not). Where the siblings tell
+    nothing, or disagree, the adapter's own hint decides: PEFT's ``fan_in_fan_out`` flag
+    (:func:`fan_in_fan_out`). Non-linear modules are never transposed; a shape that fits
+    neither layout gets the hint, for the caller's shape check to report.
 
-    Hugging Face GPT-2, ``c_attn`` stored (768, 2304) and ``c_proj`` (768, 768)::
+    Hugging Face GPT-2, ``c_attn`` stored (768, 2304) beside the square ``c_proj``::
 
-    >>> base_layouts(adapter, ckpt, {"h.0.attn.c_attn": "h.0.attn.c_attn.weight",
-    ...                               "h.0.attn.c_proj": "h.0.attn.c_proj.weight"})  # doctest: +SKIP
-    {'h.0.attn.c_attn': True, 'h.0.attn.c_proj': True}
+    >>> base_layouts(adapter, ckpt, {"h.0.attn.c_proj": "h.0.attn.c_proj.weight"})  # doctest: +SKIP
+    {'h.0.attn.c_proj': True}
     """
     hint = fan_in_fan_out(adapter)
     layouts: dict[str, bool] = {}
     square: list[str] = []
-    told: set[bool] = set()
+    told: dict[str, set[bool]] = {}  # parent of a tensor → the layouts its tensors tell
     for module, key in matched.items():
         m, shape = adapter[module], tuple(ckpt.info(key).shape)
         out_in = tuple(m.weight_shape)
@@ -412,26 +413,35 @@ def base_layouts(adapter: Adapter, ckpt: Checkpoint, matched: Mapping[str, str])
             square.append(module)
         elif shape in (out_in, out_in[::-1]):
             layouts[module] = shape != out_in
-            told.add(layouts[module])
+            told.setdefault(_parent(key), set()).add(layouts[module])
         else:
             layouts[module] = hint
-    if square and not told:
-        told = _wide_projection_layouts(ckpt)
-    shared = next(iter(told)) if len(told) == 1 else hint
-    layouts.update((module, shared) for module in square)
+    if square:
+        keys = set(ckpt.keys())
+        for module in square:
+            parent = _parent(matched[module])
+            seen = set(told.get(parent, ())) | _wide_projection_layouts(ckpt, parent, keys)
+            layouts[module] = next(iter(seen)) if len(seen) == 1 else hint
     return layouts
 
 
+def _parent(key: str) -> str:
+    """``h.0.attn`` for the tensor ``h.0.attn.c_proj.weight``."""
+    return key.rsplit(".", 2)[0] if key.count(".") >= 2 else ""
+
+
 # GPT-2's family (gpt2, openai-gpt, imagegpt, decision_transformer: the Hugging Face models with
-# Conv1D projections) names its widening projections c_attn (out = 3 × in) and c_fc (4 × in).
-_WIDE_PROJECTIONS = ("c_attn.weight", "c_fc.weight")
+# Conv1D projections) names its widening projections c_attn (out = 3 × in) and c_fc (4 × in),
+# each beside a c_proj (the attention's square, the MLP's not).
+_WIDE_PROJECTIONS = ("c_attn", "c_fc")
 
 
-def _wide_projection_layouts(ckpt: Checkpoint) -> set[bool]:
-    """The layouts (True: (in, out)) the checkpoint's c_attn / c_fc weights are stored in."""
+def _wide_projection_layouts(ckpt: Checkpoint, parent: str, keys: set[str]) -> set[bool]:
+    """The layouts (True: (in, out)) of the c_attn / c_fc weights beside ``parent``'s tensors."""
     layouts = set()
-    for key in ckpt.keys():
-        if ".".join(key.split(".")[-2:]) in _WIDE_PROJECTIONS:
+    for name in _WIDE_PROJECTIONS:
+        key = f"{parent}.{name}.weight" if parent else f"{name}.weight"
+        if key in keys:
             shape = tuple(ckpt.info(key).shape)
             if len(shape) == 2 and shape[0] != shape[1]:
                 layouts.add(shape[0] < shape[1])
