@@ -20,16 +20,22 @@ from portable_lora.io.safetensors_io import read_safetensors, write_safetensors
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def files(tmp_path):
-    """A portable adapter, a matching single-file base and a sharded copy of it."""
+def adapter_and_base(tmp_path) -> dict:
+    """A portable adapter and a matching single-file base, in ``tmp_path``."""
     a = small_adapter()
     pl.save(a, tmp_path / "a.safetensors")
     w = base_weights(a)
     write_safetensors(tmp_path / "base.safetensors", w)
-    write_sharded(tmp_path / "sharded", w)
     return {"dir": tmp_path, "adapter": tmp_path / "a.safetensors", "base": tmp_path / "base.safetensors",
-            "sharded": tmp_path / "sharded", "obj": a, "weights": w}
+            "obj": a, "weights": w}
+
+
+@pytest.fixture
+def files(tmp_path):
+    """:func:`adapter_and_base` and a sharded copy of the base."""
+    made = adapter_and_base(tmp_path)
+    write_sharded(tmp_path / "sharded", made["weights"])
+    return {**made, "sharded": tmp_path / "sharded"}
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

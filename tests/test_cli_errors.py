@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ops import base_weights, small_adapter
+from test_cli import adapter_and_base
 
 import portable_lora as pl
 from portable_lora import core, ops
@@ -36,16 +36,12 @@ def one_line_error(err: str) -> str:
 @pytest.fixture
 def files(tmp_path):
     """A portable adapter, a base for it, and a tuned checkpoint (the adapter merged in)."""
-    a = small_adapter()
-    pl.save(a, tmp_path / "a.safetensors")
-    w = base_weights(a)
-    write_safetensors(tmp_path / "base.safetensors", w)
-    tuned = dict(w)
-    for name, m in a.items():
-        tuned[f"{name}.weight"] = (w[f"{name}.weight"] + m.delta_weight(np.float32)).astype(np.float32)
+    made = adapter_and_base(tmp_path)
+    tuned = dict(made["weights"])
+    for name, m in made["obj"].items():
+        tuned[f"{name}.weight"] = (tuned[f"{name}.weight"] + m.delta_weight(np.float32)).astype(np.float32)
     write_safetensors(tmp_path / "tuned.safetensors", tuned)
-    return {"dir": tmp_path, "adapter": tmp_path / "a.safetensors", "base": tmp_path / "base.safetensors",
-            "tuned": tmp_path / "tuned.safetensors", "obj": a, "weights": w}
+    return {**made, "tuned": tmp_path / "tuned.safetensors"}
 
 
 def with_nan(a: pl.Adapter, name: str = Q) -> pl.Adapter:
