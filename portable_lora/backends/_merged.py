@@ -11,7 +11,22 @@ import weakref
 from ..adapter import LoraModule
 from ..errors import LoraError
 
-__all__ = ["Identity", "check_last"]
+__all__ = ["Identity", "check_last", "shared_weight_error", "later_merge_error"]
+
+
+def shared_weight_error(prefix: str, name: str, other: str) -> LoraError:
+    """merge() into a weight the model also holds under ``other``, which apply() leaves alone."""
+    return LoraError(f"{prefix} module {name!r} holds its weight together with {other!r} (tied or "
+                     f"shared weights): merging would change {other!r} too, which apply() leaves as "
+                     "it is. Untie the weights, or pass allow_shared=True to merge into the shared "
+                     "weight anyway", key=name)
+
+
+def later_merge_error(prefix: str, name: str, other: str) -> LoraError:
+    """unmerge() from a shared weight into which ``other`` had a LoRA merged later."""
+    return LoraError(f"{prefix} module {name!r} shares its weight with {other!r}, which had a LoRA "
+                     "merged into it after this one; unmerge that first (the reverse order of "
+                     "merging)", key=name)
 
 
 class Identity:

@@ -617,10 +617,7 @@ def _check_unshared(model: nnx.Module, items: list[tuple[str, Any, Any, nnx.Vari
         for path in paths.get(id(weight), ()):
             if not any(node is parent and str(k) == str(key) for node, k in path):
                 other = ".".join(str(k) for _, k in path[:-1])
-                raise LoraError(f"merge: module {name!r} holds its weight together with {other!r} "
-                                f"(tied or shared weights): merging would change {other!r} too, which "
-                                "apply() leaves as it is. Untie the weights, or pass allow_shared=True to "
-                                "merge into the shared weight anyway", key=name)
+                raise _merged.shared_weight_error("merge:", name, other)
 
 
 def _check_one_per_weight(targets: list[tuple], verb: str) -> None:
@@ -676,9 +673,7 @@ def _unmerge_plain(model: nnx.Module, adapter: Adapter, mapping: PathMapping) ->
             records = _MERGES.get(holder) if holder is not target else None
             if records and records[-1].order > mine:
                 other = ".".join(str(k) for _, k in path[:-1])
-                raise LoraError(f"unmerge: module {name!r} shares its weight with {other!r}, which had "
-                                "a LoRA merged into it after this one; unmerge that first (the reverse "
-                                "order of merging)", key=name)
+                raise _merged.later_merge_error("unmerge:", name, other)
     for name, module, _, _, target in targets:
         weight = getattr(target, _LEAF[module.kind])
         record = _MERGES[target].pop()

@@ -465,10 +465,7 @@ def _check_unshared(model: nn.Module, targets: list[tuple[str, nn.Module, LoraMo
         parent, last = _parent(model, name)
         others = [p for p in found if not _through(model, p, parent, last)]
         if others:
-            raise LoraError(f"{verb}: module {name!r} holds its weight together with {others[0]!r} "
-                            f"(tied or shared weights): merging would change {others[0]!r} too, which "
-                            "apply() leaves as it is. Untie the weights, or pass allow_shared=True to "
-                            "merge into the shared weight anyway", key=name)
+            raise _merged.shared_weight_error(f"{verb}:", name, others[0])
 
 
 def merge(model: nn.Module, adapter: Adapter, *, strength: float = 1.0,

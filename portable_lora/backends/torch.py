@@ -581,10 +581,7 @@ def _check_unshared(model: nn.Module, layers: dict[str, nn.Module], verb: str) -
         parent_module = model.get_submodule(parent)
         others = [p for p in paths.get(id(layer.weight), ()) if not _through(model, p, parent_module, child)]
         if others:
-            raise LoraError(f"{verb}(): module {name!r} holds its weight together with {others[0]!r} "
-                            f"(tied or shared weights): merging would change {others[0]!r} too, which "
-                            "apply() leaves as it is. Untie the weights, or pass allow_shared=True to "
-                            "merge into the shared weight anyway", key=name)
+            raise _merged.shared_weight_error(f"{verb}():", name, others[0])
 
 
 def _check_one_per_weight(layers: dict[str, nn.Module], verb: str) -> None:
@@ -612,9 +609,7 @@ def _check_last_of_weight(model: nn.Module, layers: dict[str, nn.Module]) -> Non
             records = other.__dict__.get(_MERGES_ATTR) if other is not layer else None
             if records and records[-1].order > mine:
                 other_name = next(n for n, m in model.named_modules(remove_duplicate=False) if m is other)
-                raise LoraError(f"unmerge(): module {name!r} shares its weight with {other_name!r}, "
-                                f"which had a LoRA merged into it after this one; unmerge that first "
-                                "(the reverse order of merging)", key=name)
+                raise _merged.later_merge_error("unmerge():", name, other_name)
 
 
 def _upload(array: Any, device: torch.device) -> torch.Tensor:
