@@ -152,6 +152,19 @@ def test_modules_from_checkpoint_folder(tmp_path):
     assert list(pl.load(p, modules_from=tmp_path / "pipe")) == ["unet.blocks.0.attn.to_q"]
 
 
+def test_modules_from_refuses_a_lora_of_another_shape(tmp_path):
+    """The base's weight shapes are known: a LoRA for another model fails at load, naming it."""
+    write(tmp_path / "base.safetensors", {"blocks.0.attn.to_q.weight": np.zeros((16, 8)),
+                                          "blocks.0.attn.to_k.weight": np.zeros((8, 8, 1, 1))})
+    p = kohya_file(tmp_path / "k.safetensors", 4.0, name="lora_unet_blocks_0_attn_to_q")
+    with pytest.raises(LoraError, match=r"shape \[8, 8\].*module list has shape \[16, 8\]") as info:
+        pl.load(p, modules_from=tmp_path / "base.safetensors")
+    assert info.value.key == "lora_unet_blocks_0_attn_to_q.lora_down.weight"
+    # a 1×1 convolution trained with 2-D factors (kohya does both) has ΔW's elements: accepted
+    k = kohya_file(tmp_path / "c.safetensors", 4.0, name="lora_unet_blocks_0_attn_to_k")
+    assert list(pl.load(k, modules_from=tmp_path / "base.safetensors")) == ["unet.blocks.0.attn.to_k"]
+
+
 def test_duplicate_after_mapping(tmp_path):
     name = "text_model_encoder_layers_0_self_attn_q_proj"
     t = {}

@@ -38,7 +38,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import core
-from ..adapter import Adapter
+from ..adapter import Adapter, LoraModule
 from ..errors import LoraError
 from ..io.safetensors_io import write_safetensors
 from ._common import (PROVENANCE_KEY, peek_safetensors, convention_provenance, module_from, provenance_metadata,
@@ -153,8 +153,8 @@ def load(path: Path, *, convention: str | None = None, modules: Any = None, modu
     groups = group_keys(tensors, file=path)
     if not groups:
         raise LoraError("the file has no LoRA tensors", file=path)
-    names, _ = resolve_names(groups, file=path, modules=modules, modules_from=modules_from,
-                             naming=naming, keys={m: p["lora_down.weight"] for m, p in groups.items()})
+    names, index = resolve_names(groups, file=path, modules=modules, modules_from=modules_from,
+                                 naming=naming, keys={m: p["lora_down.weight"] for m, p in groups.items()})
     rule = convention or core.ALPHA_OVER_RANK
     stored = stored_provenance(metadata, path, NAME)
     adapter = Adapter(base_model=stored.get("base_model") or metadata.get("ss_sd_model_name")
@@ -171,6 +171,7 @@ def load(path: Path, *, convention: str | None = None, modules: Any = None, modu
             alpha = core.alpha_for_scale(1.0, rank, rule) if rank > 0 else 1.0
         adapter[name] = module_from(A, B, alpha=alpha, rule=rule, kind="conv" if A.ndim == 4 else "linear",
                                     name=name, file=path)
+        _check_shape(adapter[name], index.shape(name), path, parts["lora_down.weight"])
     if convention is None:
         _restore_exact(adapter, stored.get("modules"), names.values())
     adapter.provenance.setdefault("source_format", NAME)
@@ -183,6 +184,20 @@ def load(path: Path, *, convention: str | None = None, modules: Any = None, modu
     if info:
         adapter.provenance["kohya_metadata"] = info
     return adapter
+
+
+def _check_shape(m: LoraModule, shape: tuple[int, ...] | None, path: Path, key: str) -> None:
+    """The module's ΔW against the weight the module list (``modules_from``) recorded for it.
+
+    Equal element counts pass: kohya trains a 1×1 convolution (SD1's ``proj_in``) with 2-D or
+    4-D factors alike, and the merge reshapes.
+    """
+    if shape is None:
+        return
+    mine = tuple(m.weight_shape)
+    if shape[0] != mine[0] or math.prod(shape) != math.prod(mine):
+        raise LoraError(f"the factors make a ΔW of shape {list(mine)}, but the module's weight in the "
+                        f"module list has shape {list(shape)} (a LoRA for another model?)", file=path, key=key)
 
 
 def _restore_exact(adapter: Adapter, written: Any, names: Iterable[str]) -> None:
