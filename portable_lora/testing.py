@@ -156,7 +156,9 @@ class EquivalenceReport:
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.rows)
+        """Every row within tolerance, and at least one row: a run that checked nothing (every
+        backend or dtype skipped) agrees with nothing."""
+        return bool(self.rows) and all(r.ok for r in self.rows)
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "skipped": self.skipped,
@@ -217,16 +219,22 @@ def check_equivalence(adapter: Adapter, weights: Mapping[str, np.ndarray] | None
 
     ``weights`` maps module names to base weights (random ones are made when omitted). Inputs
     of each dtype are first rounded to that dtype, so the reference sees the same numbers.
-    Conv modules are checked through the merge only (the array API has no convolution).
+    Conv modules are checked through the merge only (the array API has no convolution). A
+    backend that is unknown or not importable, and a dtype a backend lacks, are listed in the
+    report's ``skipped``; a report with no row at all is not ``ok``.
     """
     from .examples import random_weights
+    from .errors import LoraError
+
+    dtypes = tuple(dtypes)
+    unknown = [d for d in dtypes if d not in TOLERANCE]
+    if unknown:
+        raise LoraError(f"unknown dtypes {unknown}; expected some of {', '.join(TOLERANCE)}", key="dtypes")
 
     rng = np.random.default_rng(seed)
     weights = dict(weights) if weights is not None else random_weights(adapter, dtype=np.float64, seed=seed + 1)
     missing = [n for n in adapter if n not in weights]
     if missing:
-        from .errors import LoraError
-
         raise LoraError(f"no base weight given for modules {missing[:10]}", key="weights")
     inputs = {}
     for name, m in adapter.items():
@@ -247,6 +255,7 @@ def check_equivalence(adapter: Adapter, weights: Mapping[str, np.ndarray] | None
             continue
         for dtype in dtypes:
             if dtype not in ns.dtypes:
+                report.skipped[f"{bname} {dtype}"] = f"{bname} here has {', '.join(ns.dtypes)}"
                 continue
             tol = TOLERANCE[dtype]
             worst_f = worst_m = 0.0

@@ -37,7 +37,9 @@ def test_same_numbers_on_every_backend(case):
     report = testing.check_equivalence(adapter, backends=NAMES, dtypes=("float32", "bfloat16"))
     assert {r.backend for r in report.rows} == set(NAMES)
     assert report.ok, report.table()
-    assert not report.skipped
+    # skipped: only the dtypes a namespace lacks (array_api_strict has no bfloat16)
+    lacking = {f"{b} {d}" for b in NAMES for d in ("float32", "bfloat16") if d not in testing.load_namespace(b).dtypes}
+    assert set(report.skipped) == lacking
 
 
 def test_a_wrong_backend_is_caught(monkeypatch):
@@ -60,6 +62,16 @@ def test_missing_backend_is_reported_not_hidden():
     report = testing.check_equivalence(pl.examples.random_adapter({"q": (4, 4)}, rank=2),
                                        backends=["numpy", "no_such_backend"], dtypes=("float32",))
     assert "no_such_backend" in report.skipped
+
+
+def test_a_run_that_checks_nothing_is_not_ok():
+    adapter = pl.examples.random_adapter({"q": (4, 4)}, rank=2)
+    report = testing.check_equivalence(adapter, backends=["no_such_backend"], dtypes=("float32",))
+    assert not report.rows and not report.ok
+    with pytest.raises(pl.LoraError, match="unknown dtypes"):
+        testing.check_equivalence(adapter, backends=["numpy"], dtypes=("float16",))
+    report = testing.check_equivalence(adapter, backends=["array_api_strict"], dtypes=("bfloat16",))
+    assert not report.ok and "array_api_strict bfloat16" in report.skipped
 
 
 def test_user_weights_are_used():

@@ -193,3 +193,11 @@ def test_save_refuses_what_diffsynth_cannot_apply(tmp_path):
     with pytest.raises(LoraError, match="DoRA"):
         pl.save(Adapter({"q": dora}), tmp_path / "x.safetensors", format="diffsynth")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_alpha_one_load_was_given_is_not_carried_to_the_next(tmp_path):
+    first = pl.load(_file(tmp_path / "d.safetensors"), alpha=2.0)
+    assert first.provenance["user_alpha"] == 2.0 and first["blocks.0.q"].scale == 2.0
+    pl.save(first, tmp_path / "again.safetensors", format="diffsynth")  # 2 folded into B
+    again = pl.load(tmp_path / "again.safetensors")
+    assert "user_alpha" not in again.provenance and again["blocks.0.q"].scale == 1.0

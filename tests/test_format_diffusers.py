@@ -288,3 +288,48 @@ def test_use_dora_must_match_magnitudes(tmp_path):
     with pytest.raises(LoraError, match="use_dora") as exc:
         pl.load(p)
     assert exc.value.key == "unet.a.lora_A.weight"
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_diffusers_loads_our_text_encoder_file_with_clips_text_model_names(tmp_path, fold):
+    """kohya's lora_te_ names become text_encoder.text_model.<...> (CLIP's wrapper); transformers
+    5 dropped that wrapper and diffusers strips it from the keys only: the config must not
+    name it, or PEFT finds no module."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    cfg = transformers.CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=16, projection_dim=16,
+                                      eos_token_id=2)
+
+    def clip():
+        torch.manual_seed(0)
+        return transformers.CLIPTextModel(cfg).eval()
+
+    state = {k: v.detach().numpy().copy() for k, v in clip().state_dict().items()}
+    names = [k[:-len(".weight")] for k in state if k.endswith(".weight") and ("_proj" in k or ".fc" in k)]
+    rng = np.random.default_rng(0)
+    adapter = pl.Adapter()
+    for i, n in enumerate(names):  # mixed ranks and alphas: patterns are written
+        W = state[n + ".weight"]
+        r = (4, 4, 2)[i % 3]
+        adapter["text_encoder.text_model." + n] = LoraModule(
+            (rng.standard_normal((r, W.shape[1])) * 0.3).astype(np.float32),
+            (rng.standard_normal((W.shape[0], r)) * 0.3).astype(np.float32), alpha=(4.0, 4.0, 1.0)[i % 3])
+    pl.save(adapter, tmp_path / "te.safetensors", format="diffusers", fold=fold)
+    merged = dict(state)
+    for name, m in adapter.items():
+        key = name[len("text_encoder.text_model."):] + ".weight"
+        merged[key] = (state[key] + m.delta_weight(np.float64)).astype(np.float32)
+    ref = clip()
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in merged.items()})
+    sd, alphas, meta = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path / "te.safetensors"),
+                                                                       return_lora_metadata=True)
+    loaded = clip()
+    StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(sd, alphas or None, loaded, prefix="text_encoder",
+                                                              metadata=meta)
+    ids = torch.tensor([[1, 5, 7, 9, 3]])
+    with torch.no_grad():
+        assert rel_err(loaded(ids).last_hidden_state.numpy(), ref(ids).last_hidden_state.numpy()) < 1e-5
+    back = pl.load(tmp_path / "te.safetensors")
+    for name, m in adapter.items():  # fold=True moves each scale into B: ΔW is what must agree
+        assert rel_err(back[name].delta_weight(np.float64), m.delta_weight(np.float64)) < 1e-6, name

@@ -245,7 +245,8 @@ def _pattern_regex(key: str) -> re.Pattern:
 # which describes the Hugging Face checkpoint a PEFT config was written for (GPT-2's Conv1D
 # stores (in, out)), not the adapter: a file of another format applies to that format's own
 # models, which store (out, in) (mlx-lm's GPT-2 transposes those weights when it loads them).
-STALE_PROVENANCE = ("source_path", "detected_because", "source_format", "fan_in_fan_out")
+# ``user_alpha`` is the alpha one DiffSynth load was given: a later load tells its own.
+STALE_PROVENANCE = ("source_path", "detected_because", "source_format", "fan_in_fan_out", "user_alpha")
 
 
 def carried_provenance(provenance: Mapping[str, Any], fmt: str) -> dict[str, Any]:

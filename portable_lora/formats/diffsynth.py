@@ -69,9 +69,11 @@ def load(path: Path, *, convention: str | None = None, alpha: float | None = Non
     parts: dict[str, dict[str, str]] = {}
     for key in tensors:
         if key.endswith(".alpha"):
-            raise LoraError("DiffSynth files carry no alpha, but this one has an alpha tensor (1.x "
-                            "ignored it, 2.x folds alpha / rank): read it as format='kohya' if it "
-                            "is a kohya-style file", file=path, key=key)
+            raise LoraError("DiffSynth files carry no alpha, but this one has per-module alpha tensors "
+                            "(DiffSynth 1.x ignored them, 2.x applies alpha / rank), which no format "
+                            "here reads yet. Where every module has the same alpha a: drop the alpha "
+                            "tensors and load with convention='alpha/rank', alpha=a (2.x's reading)",
+                            file=path, key=key)
         for suffix, role in _SUFFIXES.items():
             if key.endswith(suffix) and len(key) > len(suffix):
                 name = _module_name(key, suffix)

@@ -175,7 +175,22 @@ def load(path: Path, *, convention: str | None = None, **options: Any) -> Adapte
     return adapter
 
 
-def _component_config(tails: dict[str, Any], fold: bool) -> tuple[dict[str, Any], dict[str, float]]:
+# transformers 5 dropped CLIPTextModel's ``text_model`` wrapper: diffusers strips it from the
+# tensor keys of a text-encoder LoRA, not from the config, so the config names modules without
+# it (PEFT's suffix rule still finds ``text_model.<name>`` under transformers 4)
+_OPTIONAL_WRAPPER = "text_model."
+
+
+def _config_name(tail: str, text_encoder: bool) -> tuple[str, str]:
+    """(target_modules entry, pattern key) for the module ``tail`` of one component."""
+    if text_encoder and tail.startswith(_OPTIONAL_WRAPPER):
+        rest = tail[len(_OPTIONAL_WRAPPER):]
+        return rest, f"^(?:{re.escape(_OPTIONAL_WRAPPER)})?{re.escape(rest)}"
+    return tail, f"^{re.escape(tail)}"
+
+
+def _component_config(tails: dict[str, Any], fold: bool, text_encoder: bool = False
+                      ) -> tuple[dict[str, Any], dict[str, float]]:
     """LoraConfig fields reproducing each module's scale; ``{tail: factor folded into B}``."""
     mods = list(tails.values())
     rslora = not fold and all(m.rule == core.ALPHA_OVER_SQRT_RANK for m in mods)
@@ -191,11 +206,12 @@ def _component_config(tails: dict[str, Any], fold: bool) -> tuple[dict[str, Any]
             alphas[tail] = core.alpha_for_scale(m.scale, m.rank, rule)
     r = Counter(m.rank for m in mods).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
+    names = {t: _config_name(t, text_encoder) for t in tails}
     config = {
         "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-        "rank_pattern": {f"^{re.escape(t)}": m.rank for t, m in tails.items() if m.rank != r},
-        "alpha_pattern": {f"^{re.escape(t)}": a for t, a in alphas.items() if a != alpha},
-        "target_modules": sorted(tails), "use_dora": any(m.is_dora for m in mods),
+        "rank_pattern": {names[t][1]: m.rank for t, m in tails.items() if m.rank != r},
+        "alpha_pattern": {names[t][1]: a for t, a in alphas.items() if a != alpha},
+        "target_modules": sorted(n for n, _ in names.values()), "use_dora": any(m.is_dora for m in mods),
         "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
     }
     return config, folds
@@ -222,7 +238,7 @@ def save(adapter: Adapter, path: Path, *, fold: bool = False, **options: Any) ->
         if len(dora) > 1:
             raise LoraError(f"component {component!r} mixes DoRA and plain LoRA modules; diffusers' "
                             "use_dora applies to a whole component", file=path, key=component)
-        config, folds = _component_config(tails, fold)
+        config, folds = _component_config(tails, fold, text_encoder=component.startswith("text_encoder"))
         for field, value in config.items():
             flat[f"{component}.{field}"] = value
         for tail, m in tails.items():
