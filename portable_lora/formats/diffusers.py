@@ -20,7 +20,11 @@ Save writes the keys and ``lora_adapter_metadata`` with ``r`` / ``lora_alpha`` t
 values of each component and exact, anchored ``rank_pattern`` / ``alpha_pattern`` entries for
 the rest, so diffusers reproduces every module's scale with B bit-exact. ``fold=True`` instead
 folds each scale into B (one rounding) and writes α = r everywhere: the choice for tools that
-ignore the metadata (ComfyUI reads these keys at scale 1).
+ignore the metadata (ComfyUI reads these keys at scale 1; so does diffusers' own
+``load_lora_adapter(path)`` unless given ``use_safetensors=True`` or a ``weight_name``, while
+``load_lora_weights`` reads it). Text-encoder configs name modules without CLIP's
+``text_model.`` wrapper (gone in transformers 5, where diffusers strips it from the keys only);
+their pattern keys accept it.
 """
 
 from __future__ import annotations
