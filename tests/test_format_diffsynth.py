@@ -159,7 +159,8 @@ def test_incomplete_pair(tmp_path, drop):
     assert exc.value.file == str(p)
 
 
-@pytest.mark.parametrize("key,match", [("blocks.0.q.alpha", "carry no alpha"),
+@pytest.mark.parametrize("key,match", [("blocks.0.q.alpha", "alpha must be a single number"),
+                                       ("blocks.9.q.alpha", "alpha tensor of a module with no LoRA factors"),
                                        ("blocks.0.q.lora_A.weight", "two lora_A tensors"),
                                        ("blocks.0.q.magnitude", "not a DiffSynth LoRA tensor")])
 def test_bad_keys(tmp_path, key, match):
@@ -174,9 +175,10 @@ def test_bad_alpha_option(tmp_path):
         pl.load(_file(tmp_path / "x.safetensors"), format="diffsynth", alpha=float("nan"))
 
 
-def test_detection_needs_no_alpha_and_no_config(tmp_path):
-    assert diffsynth.detect(_file(tmp_path / "x.safetensors")) is not None
-    assert diffsynth.detect(_file(tmp_path / "y.safetensors", extra={"blocks.0.q.alpha": np.ones(1, np.float32)})) is None
+def test_detection_needs_no_config(tmp_path):
+    assert "no alpha" in diffsynth.detect(_file(tmp_path / "x.safetensors"))
+    with_alpha = _file(tmp_path / "y.safetensors", extra={"blocks.0.q.alpha": np.ones(1, np.float32)})
+    assert "per-module alpha tensors" in diffsynth.detect(with_alpha)
     write_safetensors(tmp_path / "z.safetensors", {"blocks.0.q.lora_A.default.weight": rand(2, 8)},
                       {"lora_adapter_metadata": "{}"})
     assert diffsynth.detect(tmp_path / "z.safetensors") is None
@@ -201,3 +203,17 @@ def test_the_alpha_one_load_was_given_is_not_carried_to_the_next(tmp_path):
     pl.save(first, tmp_path / "again.safetensors", format="diffsynth")  # 2 folded into B
     again = pl.load(tmp_path / "again.safetensors")
     assert "user_alpha" not in again.provenance and again["blocks.0.q"].scale == 1.0
+
+
+@pytest.mark.parametrize("given, scale, rule", [({}, 4.0 / 2, "alpha/rank"), ({"alpha": 0.5}, 0.5 * 4.0 / 2, "alpha/rank"),
+                                                ({"convention": "raw"}, 1.0, "raw"),
+                                                ({"convention": "raw", "alpha": 3.0}, 3.0, "raw")])
+def test_alpha_tensors_read_as_diffsynth_2_or_1(tmp_path, given, scale, rule):
+    """DiffSynth 2.x's GeneralLoRALoader applies a file's alpha / rank (times its alpha argument);
+    1.x ignored the tensors, which convention='raw' reproduces."""
+    p = _file(tmp_path / "a.safetensors", extra={"blocks.0.q.alpha": np.asarray(4.0, np.float32)})
+    adapter = pl.load(p, **given)
+    m = adapter["blocks.0.q"]
+    assert m.rank == 2 and m.rule == rule and m.scale == pytest.approx(scale, rel=1e-12)
+    assert adapter.provenance["source_format"] == "diffsynth"
+    assert ("2.x" if rule == "alpha/rank" else "1.x") in adapter.provenance["convention_reason"]

@@ -14,6 +14,12 @@ adapters are at scale 1, and its 1.x loader adds ``alpha · up @ down`` with the
 * ``convention="alpha/rank"`` with ``alpha=a``: scale ``a / r`` (2.x's folding of α/r);
   without ``alpha``: α = r, scale 1. ``convention="alpha/sqrt(rank)"`` likewise with √r.
 
+Files with per-module ``<module>.alpha`` tensors (written by other trainers; DiffSynth saves
+none) are read as DiffSynth 2.x's ``GeneralLoRALoader`` reads them: scale ``α / r`` times the
+user's ``alpha`` (default 1), rule ``alpha/rank``; a module without one is at scale 1 there.
+DiffSynth 1.x ignored those tensors: ``convention="raw"`` reads the file that way (scale = the
+user's ``alpha``). Either reading is recorded in the provenance.
+
 Save: no alpha can be stored, so each module's scale is folded into **B** (one rounding, in
 B's dtype, with :class:`~portable_lora.formats._common.UnderflowWarning` if entries flush to
 zero); **A is written bit-exact**. Only linear and 1×1 conv LoRA (DiffSynth squeezes conv
@@ -31,6 +37,7 @@ from ..errors import LoraError
 from ..io.safetensors_io import write_safetensors
 from ._common import (PROVENANCE_KEY, peek_safetensors, fold_scale, module_from, provenance_metadata, read_tensors,
                       stored_provenance)
+from .kohya import read_alpha
 
 NAME = "diffsynth"
 LAYOUT = "file"  # one .safetensors
@@ -48,7 +55,8 @@ def detect(path: Path) -> str | None:
     if not hits or any(k in metadata for k in _CONFIG_KEYS):
         return None
     if any(k.endswith(".alpha") for k in keys):
-        return None
+        return (f"PEFT-like keys with the adapter name 'default', per-module alpha tensors and no "
+                f"config, such as {hits[0]!r}")
     return f"PEFT-like keys with the adapter name 'default' and no alpha or config, such as {hits[0]!r}"
 
 
@@ -67,13 +75,11 @@ def load(path: Path, *, convention: str | None = None, alpha: float | None = Non
         alpha = core.check_alpha(alpha, module="alpha")
     tensors, metadata = read_tensors(path)
     parts: dict[str, dict[str, str]] = {}
+    file_alphas: dict[str, str] = {}  # module → its .alpha tensor's key
     for key in tensors:
-        if key.endswith(".alpha"):
-            raise LoraError("DiffSynth files carry no alpha, but this one has per-module alpha tensors "
-                            "(DiffSynth 1.x ignored them, 2.x applies alpha / rank), which no format "
-                            "here reads yet. Where every module has the same alpha a: drop the alpha "
-                            "tensors and load with convention='alpha/rank', alpha=a (2.x's reading)",
-                            file=path, key=key)
+        if key.endswith(".alpha") and len(key) > len(".alpha"):
+            file_alphas[_module_name(key, ".alpha")] = key
+            continue
         for suffix, role in _SUFFIXES.items():
             if key.endswith(suffix) and len(key) > len(suffix):
                 name = _module_name(key, suffix)
@@ -87,6 +93,13 @@ def load(path: Path, *, convention: str | None = None, alpha: float | None = Non
                             "<module>.lora_B.default.weight", file=path, key=key)
     if not parts:
         raise LoraError("the file has no LoRA tensors", file=path)
+    stray = sorted(set(file_alphas) - set(parts))
+    if stray:
+        raise LoraError("an alpha tensor of a module with no LoRA factors", file=path, key=file_alphas[stray[0]])
+    # 2.x's reading of a file's own alphas, unless the user asks for 1.x's (raw: they are ignored)
+    by_file = bool(file_alphas) and convention != core.RAW
+    if by_file:
+        rule = convention or core.ALPHA_OVER_RANK
     stored = stored_provenance(metadata, path, NAME)
     adapter = Adapter(base_model=stored.get("base_model"), provenance=stored.get("provenance") or {})
     for name, roles in parts.items():
@@ -96,11 +109,26 @@ def load(path: Path, *, convention: str | None = None, alpha: float | None = Non
                                 file=path, key=roles[other])
         A, B = tensors[roles["A"]], tensors[roles["B"]]
         rank = int(A.shape[0]) if A.ndim else 1
-        module_alpha = alpha if alpha is not None else core.alpha_for_scale(1.0, rank, rule)
+        if by_file:
+            stated = (read_alpha(tensors[file_alphas[name]], key=file_alphas[name], file=path)
+                      if name in file_alphas else None)
+            base = stated if stated else core.alpha_for_scale(1.0, rank, rule)  # none or 0: scale 1
+            module_alpha = base * (alpha if alpha is not None else 1.0)
+        else:
+            module_alpha = alpha if alpha is not None else core.alpha_for_scale(1.0, rank, rule)
         adapter[name] = module_from(A, B, alpha=module_alpha, rule=rule,
                                     kind="conv" if A.ndim == 4 else "linear", name=name, file=path)
     adapter.provenance.setdefault("source_format", NAME)
-    if convention is None and alpha is None:
+    if by_file:
+        adapter.provenance.update({"convention": rule, "convention_reason":
+                                   "the file's per-module alpha tensors, read as DiffSynth 2.x reads them "
+                                   "(alpha / rank" + (f", times the user's alpha {alpha})" if alpha is not None
+                                                      else ")") + "; 1.x ignored them (convention='raw')"})
+    elif file_alphas:
+        adapter.provenance.update({"convention": core.RAW, "convention_reason":
+                                   "given by the user: the file's alpha tensors ignored, as DiffSynth 1.x did"
+                                   + (f", the user's alpha {alpha} as its multiplier" if alpha is not None else "")})
+    elif convention is None and alpha is None:
         adapter.provenance.update({"convention": core.RAW, "convention_reason":
                                    "DiffSynth saves no alpha; its adapters are trained at scale 1 "
                                    "(lora_alpha = rank), which its 1.x loader applies at alpha=1"})
