@@ -403,7 +403,20 @@ class Shared(nnx.Module):
         self.c.kernel = self.a.kernel
 
 
-def test_shared_weights_merge_only_when_allowed_and_unmerge_per_weight():
+@pytest.fixture(params=["tree_leaves", "graph_walk"])
+def sharing_check(request, monkeypatch):
+    """Sharing is found by pytree flattening, or by walking the graph where flattening fails."""
+    if request.param == "graph_walk":
+        from portable_lora.backends import jax as backend
+
+        def unflattenable(*args, **kwargs):
+            raise TypeError("not a pytree here")
+
+        monkeypatch.setattr(backend.jax.tree_util, "tree_leaves", unflattenable)
+    return request.param
+
+
+def test_shared_weights_merge_only_when_allowed_and_unmerge_per_weight(sharing_check):
     """As the torch and MLX backends: merging into a weight that another name holds, which
     apply() would leave alone, is refused (naming both, nothing changed) unless allow_shared;
     two adapter modules never map to one weight; a tied weight's merges come back in the

@@ -591,9 +591,30 @@ def _paths_to(model: nnx.Module, wanted: set[int]) -> dict[int, list[_Steps]]:
     return found
 
 
-def _held_once(model: nnx.Module) -> bool:
-    """Whether every module and variable below ``model`` is reached along one path only (almost
-    every model): then no weight is shared, and the path search below is not needed."""
+def _held_once(model: nnx.Module, weights: set[int]) -> bool:
+    """Whether each variable in ``weights`` (ids) is reached along one path only (almost every
+    model): then no weight is shared, and the path search below is not needed.
+
+    JAX's pytree flattening of an NNX module lists a variable once per place that holds it
+    (a tied weight, a layer registered twice) and costs a few ms where a walk of the graph in
+    Python costs tens; if it does not list every weight asked about (another flax version),
+    the walk decides.
+    """
+    try:
+        leaves = jax.tree_util.tree_leaves(model, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    except Exception:  # a model pytree flattening cannot take: walk it
+        return _walked_once(model)
+    seen: set[int] = set()
+    for leaf in leaves:
+        if id(leaf) in weights:
+            if id(leaf) in seen:
+                return False
+            seen.add(id(leaf))
+    return seen == weights or _walked_once(model)
+
+
+def _walked_once(model: nnx.Module) -> bool:
+    """Whether every module and variable below ``model`` is reached along one path only."""
     seen, stack = {id(model)}, [model]
     while stack:
         node = stack.pop()
@@ -610,9 +631,10 @@ def _check_unshared(model: nnx.Module, items: list[tuple[str, Any, Any, nnx.Vari
     """Refuse to merge into a weight that the model also reaches under another name which
     :func:`apply` would not change: ``items`` are (name, parent, key, weight), ``parent[key]``
     the slot apply() replaces. The merged model would differ from the applied one there."""
-    if _held_once(model):
+    wanted = {id(weight) for *_, weight in items}
+    if _held_once(model, wanted):
         return
-    paths = _paths_to(model, {id(weight) for *_, weight in items})
+    paths = _paths_to(model, wanted)
     for name, parent, key, weight in items:
         for path in paths.get(id(weight), ()):
             if not any(node is parent and str(k) == str(key) for node, k in path):
@@ -664,8 +686,8 @@ def _unmerge_plain(model: nnx.Module, adapter: Adapter, mapping: PathMapping) ->
             raise LoraError(f"module {name!r} has no LoRA merged by merge(model, adapter) (never "
                             "merged, already unmerged, or the module object was rebuilt)", key=name)
         _merged.check_last(records[-1].identity, name, module)  # the reverse order of merging
-    shared = not _held_once(model)
-    paths = _paths_to(model, {id(getattr(target, _LEAF[module.kind])) for _, module, _, _, target in targets}) if shared else {}
+    wanted = {id(getattr(target, _LEAF[module.kind])) for _, module, _, _, target in targets}
+    paths = {} if _held_once(model, wanted) else _paths_to(model, wanted)
     for name, module, _, _, target in targets:  # the reverse order per weight, across its holders
         mine = _MERGES[target][-1].order
         for path in paths.get(id(getattr(target, _LEAF[module.kind])), ()):
