@@ -173,16 +173,13 @@ def check_demo_targets(root: Path) -> None:
     _check_directory(root / "base", "its base checkpoint", own_base)
     targets = [(root / _SOURCE_DIR, "peft", "the source adapter"),
                (root / _SOURCE_FILE, "portable", "the source adapter")]
-    for fmt in formats.FORMATS:
-        try:
-            targets.append((_target(root, fmt), fmt, f"its {fmt} adapter"))
-        except ModuleNotFoundError:  # reported as skipped by the run itself
-            continue
+    targets += [(None, fmt, f"its {fmt} adapter") for fmt in formats.FORMATS]
     for path, fmt, what in targets:
         try:
             module = formats.get_format(fmt)
-        except ModuleNotFoundError:
+        except ModuleNotFoundError:  # reported as skipped by the run itself
             continue
+        path = path or _target(root, fmt)
         if module.LAYOUT == "directory":
             _check_directory(path, what, module.REPLACEABLE)
         elif path.is_dir() or path.is_symlink():

@@ -20,9 +20,8 @@ from .. import core, formats
 from ..adapter import Adapter, LoraModule
 from ..errors import LoraError
 from ._checkpoint import Checkpoint
-from ._util import check_save_target
-from ._util import (collect_warnings, fmt_err, fmt_pct, format_table, human_bytes, parse_dtype, path_bytes,
-                    progress_bar)
+from ._util import (check_save_target, collect_warnings, fmt_err, fmt_pct, format_table, human_bytes,
+                    parse_dtype, path_bytes, progress_bar)
 
 __all__ = ["extract", "ExtractReport"]
 
